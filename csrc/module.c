@@ -1,0 +1,607 @@
+/*
+ * module.c -- the CPython module mos._C: parses arguments, validates every tensor before any
+ * output is touched, releases the GIL around the compute, and turns statuses into exceptions.
+ * Multi-phase init; the module keeps no global mutable state.
+ */
+#define PY_ARRAY_UNIQUE_SYMBOL MOS_ARRAY_API
+#include "args.h"
+
+#include <math.h>
+#include <numpy/arrayobject.h>
+
+/* ---------------------------------------------------------------- fastcall argument parsing */
+
+/* Matches positional and keyword arguments to `names`; objs[i] is NULL when absent.
+ * The first n_required names must be given. 0 or -1 with a TypeError naming `function`. */
+static int parse_args(const char *function, PyObject *const *args, Py_ssize_t nargs,
+                      PyObject *kwnames, const char *const *names, int n_names, int n_required,
+                      PyObject **objs) {
+    if (nargs > n_names) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", function,
+                     n_names, nargs);
+        return -1;
+    }
+    for (int i = 0; i < n_names; ++i) objs[i] = i < nargs ? args[i] : NULL;
+    Py_ssize_t n_kw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < n_kw; ++k) {
+        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, k));
+        if (!key) return -1;
+        int found = -1;
+        for (int i = 0; i < n_names; ++i)
+            if (strcmp(key, names[i]) == 0) found = i;
+        if (found < 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%s'", function, key);
+            return -1;
+        }
+        if (objs[found]) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", function, key);
+            return -1;
+        }
+        objs[found] = args[nargs + k];
+    }
+    for (int i = 0; i < n_required; ++i) {
+        if (!objs[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", function, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int parse_scale(PyObject *obj, double *scale) {
+    *scale = PyFloat_AsDouble(obj);
+    if (*scale == -1.0 && PyErr_Occurred()) return -1;
+    if (!isfinite(*scale)) {
+        PyErr_Format(PyExc_ValueError, "scale must be finite, got %R", obj);
+        return -1;
+    }
+    return 0;
+}
+
+/* The stream a CUDA call launches on: None -> legacy default (1), else the integer given. */
+static int parse_stream(PyObject *obj, void **stream) {
+    if (obj == NULL || obj == Py_None) { *stream = (void *)(uintptr_t)1; return 0; }
+    long long value = PyLong_AsLongLong(obj);
+    if (value == -1 && PyErr_Occurred()) return -1;
+    if (value == 0) {
+        PyErr_SetString(PyExc_ValueError, "stream=0 is invalid in DLPack; use 1 for the legacy default stream");
+        return -1;
+    }
+    *stream = (void *)(uintptr_t)value;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- shared linear validation */
+
+enum { V_X, V_POOL_A, V_INDEX_A, V_POOL_B, V_INDEX_B, V_Y, V_H, V_DY, V_DX, V_DPOOL_A, V_DPOOL_B,
+       V_WEIGHT, V_BIAS, V_WORKSPACE, V_COUNT };
+
+typedef struct { mos_view v[V_COUNT]; } linear_views;
+
+static void release_all(linear_views *views) {
+    for (int i = 0; i < V_COUNT; ++i) mos_view_release(&views->v[i]);
+}
+
+/* Checks x, the pools and the index tables and derives the sizes into p.
+ * d_out comes from the caller (the output or dy tensor). */
+static int check_adapter_inputs(linear_views *views, mos_linear_params *p, int64_t d_out) {
+    mos_view *x = &views->v[V_X], *pa = &views->v[V_POOL_A], *pb = &views->v[V_POOL_B];
+    mos_view *ia = &views->v[V_INDEX_A], *ib = &views->v[V_INDEX_B];
+    if (x->kind != MOS_KIND_FLOAT) {
+        PyErr_SetString(PyExc_TypeError, "x: expected a floating-point tensor, got int32");
+        return -1;
+    }
+    if (mos_require_rows(x) < 0 || mos_require_blas_sizes(x) < 0) return -1;
+    if (mos_require_dtype(pa, x->dtype, "x") < 0 || mos_require_dtype(pb, x->dtype, "x") < 0) return -1;
+    if (mos_require_contiguous(pa) < 0 || mos_require_contiguous(pb) < 0) return -1;
+    if (mos_require_index(ia) < 0 || mos_require_index(ib) < 0) return -1;
+    mos_view *all[] = {pa, ia, pb, ib};
+    for (int i = 0; i < 4; ++i)
+        if (mos_require_same_device(all[i], x) < 0) return -1;
+    const int64_t d_in = x->shape[1], sla = pa->shape[1], slb = pb->shape[1];
+    if (sla < 1 || d_in % sla != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "pool_a: shard length %lld must divide x's d_in = %lld", (long long)sla,
+                     (long long)d_in);
+        return -1;
+    }
+    const int64_t l = d_in / sla;
+    if (mos_require_dim(pb, 1, d_out / l, "pool_b shard length = d_out / shards_per_vector") < 0 ||
+        d_out % l != 0) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "pool_b: d_out = %lld is not a multiple of "
+                         "shards_per_vector = %lld", (long long)d_out, (long long)l);
+        return -1;
+    }
+    const int64_t rl = ia->shape[0];
+    if (rl < 1 || rl % l != 0) {
+        PyErr_Format(PyExc_ValueError, "index_a: length %lld must be a positive multiple of "
+                     "shards_per_vector = %lld (= d_in / shard length)", (long long)rl, (long long)l);
+        return -1;
+    }
+    if (mos_require_dim(ib, 0, rl, "index_b must have index_a's length r * shards_per_vector") < 0)
+        return -1;
+    if (mos_require_index_range(ia, pa->shape[0], 0) < 0 ||
+        mos_require_index_range(ib, pb->shape[0], 0) < 0)
+        return -1;
+    memset(p, 0, sizeof *p);
+    p->dtype = x->dtype;
+    p->device = x->device;
+    p->device_id = x->device_id;
+    p->n_rows = x->shape[0];
+    p->d_in = d_in;
+    p->d_out = d_out;
+    p->rank = rl / l;
+    p->shards_per_vector = l;
+    p->n_shards_a = pa->shape[0];
+    p->n_shards_b = pb->shape[0];
+    p->x = x->data;
+    p->x_stride = x->strides[0];
+    p->pool_a = pa->data;
+    p->pool_b = pb->data;
+    p->index_a = ia->data;
+    p->index_b = ib->data;
+    (void)slb;
+    return 0;
+}
+
+/* An (N, cols) output or gradient with x's dtype and device, row-strided. */
+static int check_matrix(mos_view *v, const mos_view *x, int64_t rows, int64_t cols, int output) {
+    if (mos_require_dtype(v, x->dtype, "x") < 0 || mos_require_same_device(v, x) < 0) return -1;
+    if (mos_require_dim(v, 0, rows, "rows of x") < 0) return -1;
+    if (mos_require_dim(v, 1, cols, "features") < 0) return -1;
+    if (mos_require_rows(v) < 0 || mos_require_blas_sizes(v) < 0) return -1;
+    return output ? mos_require_writable(v) : 0;
+}
+
+/* Optional h (N, r) contiguous, and optional workspace (any dtype, contiguous, writable). */
+static int check_h_and_workspace(linear_views *views, mos_linear_params *p, mos_linear_op op,
+                                 int h_is_output) {
+    mos_view *h = &views->v[V_H], *ws = &views->v[V_WORKSPACE], *x = &views->v[V_X];
+    if (h->data || h->owner) {
+        if (mos_require_dtype(h, x->dtype, "x") < 0 || mos_require_same_device(h, x) < 0) return -1;
+        if (mos_require_dim(h, 0, p->n_rows, "rows of x") < 0 ||
+            mos_require_dim(h, 1, p->rank, "rank r") < 0 || mos_require_contiguous(h) < 0)
+            return -1;
+        if (h_is_output && mos_require_writable(h) < 0) return -1;
+        p->h = h->data;
+        if (!p->h && p->n_rows > 0) { PyErr_SetString(PyExc_BufferError, "h: no data"); return -1; }
+    }
+    if (ws->owner) {
+        if (mos_require_same_device(ws, x) < 0 || mos_require_contiguous(ws) < 0 ||
+            mos_require_writable(ws) < 0)
+            return -1;
+        size_t need = mos_linear_workspace_bytes(p, op);
+        size_t have = (size_t)ws->shape[0] * ws->itemsize;
+        if (have < need) {
+            PyErr_Format(PyExc_ValueError, "workspace: holds %zu bytes, the call needs %zu", have, need);
+            return -1;
+        }
+        if (((uintptr_t)ws->data) % 256 != 0) {
+            PyErr_SetString(PyExc_ValueError, "workspace: must be 256-byte aligned");
+            return -1;
+        }
+        p->workspace = ws->data;
+        p->workspace_bytes = have;
+    } else if (x->device == MOS_DEVICE_CUDA) {
+        PyErr_SetString(PyExc_ValueError,
+                        "workspace: CUDA calls need a caller-allocated workspace (see linear_workspace_bytes)");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *run_linear(mos_status (*op)(const mos_linear_params *), const mos_linear_params *p,
+                            linear_views *views, const char *function) {
+    mos_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = op(p);
+    Py_END_ALLOW_THREADS
+    release_all(views);
+    if (status != MOS_OK) return mos_raise_status(status, function);
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- linear_forward */
+
+static PyObject *linear_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames) {
+    static const char *const names[] = {"y", "x", "pool_a", "index_a", "pool_b", "index_b",
+                                        "scale", "h", "workspace", "stream"};
+    PyObject *o[10];
+    linear_views views;
+    memset(&views, 0, sizeof views);
+    mos_linear_params p;
+    double scale;
+    void *stream;
+    if (parse_args("linear_forward", args, nargs, kwnames, names, 10, 7, o) < 0) return NULL;
+    if (parse_scale(o[6], &scale) < 0 || parse_stream(o[9], &stream) < 0) return NULL;
+    mos_view *v = views.v;
+    if (mos_view_import(o[1], "x", 2, &v[V_X], o[9]) < 0 ||
+        mos_view_import(o[0], "y", 2, &v[V_Y], o[9]) < 0 ||
+        mos_view_import(o[2], "pool_a", 2, &v[V_POOL_A], o[9]) < 0 ||
+        mos_view_import(o[3], "index_a", 1, &v[V_INDEX_A], o[9]) < 0 ||
+        mos_view_import(o[4], "pool_b", 2, &v[V_POOL_B], o[9]) < 0 ||
+        mos_view_import(o[5], "index_b", 1, &v[V_INDEX_B], o[9]) < 0 ||
+        mos_import_optional(o[7], "h", 2, &v[V_H], o[9]) < 0 ||
+        mos_import_optional(o[8], "workspace", 1, &v[V_WORKSPACE], o[9]) < 0)
+        goto fail;
+    if (v[V_Y].kind != MOS_KIND_FLOAT) {
+        PyErr_SetString(PyExc_TypeError, "y: expected a floating-point tensor, got int32");
+        goto fail;
+    }
+    if (check_adapter_inputs(&views, &p, v[V_Y].shape[1]) < 0) goto fail;
+    if (check_matrix(&v[V_Y], &v[V_X], p.n_rows, p.d_out, 1) < 0) goto fail;
+    if (check_h_and_workspace(&views, &p, MOS_OP_FORWARD, 1) < 0) goto fail;
+    {
+        mos_view *outs[] = {&v[V_Y], &v[V_H], &v[V_WORKSPACE]};
+        mos_view *all[] = {&v[V_X], &v[V_POOL_A], &v[V_INDEX_A], &v[V_POOL_B], &v[V_INDEX_B],
+                           &v[V_Y], &v[V_H], &v[V_WORKSPACE]};
+        if (mos_require_no_overlap(outs, 3, all, 8) < 0) goto fail;
+    }
+    p.scale = scale;
+    p.stream = stream;
+    p.y = v[V_Y].data;
+    p.y_stride = v[V_Y].strides[0];
+    return run_linear(mos_linear_forward, &p, &views, "linear_forward");
+fail:
+    release_all(&views);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- linear_forward_full */
+
+static PyObject *linear_forward_full(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                     PyObject *kwnames) {
+    static const char *const names[] = {"y", "x", "weight", "bias", "pool_a", "index_a",
+                                        "pool_b", "index_b", "scale"};
+    PyObject *o[9];
+    linear_views views;
+    memset(&views, 0, sizeof views);
+    mos_linear_params p;
+    double scale;
+    if (parse_args("linear_forward_full", args, nargs, kwnames, names, 9, 9, o) < 0) return NULL;
+    if (parse_scale(o[8], &scale) < 0) return NULL;
+    mos_view *v = views.v;
+    if (mos_view_import(o[1], "x", 2, &v[V_X], NULL) < 0 ||
+        mos_view_import(o[0], "y", 2, &v[V_Y], NULL) < 0 ||
+        mos_view_import(o[2], "weight", 2, &v[V_WEIGHT], NULL) < 0 ||
+        mos_import_optional(o[3], "bias", 1, &v[V_BIAS], NULL) < 0 ||
+        mos_view_import(o[4], "pool_a", 2, &v[V_POOL_A], NULL) < 0 ||
+        mos_view_import(o[5], "index_a", 1, &v[V_INDEX_A], NULL) < 0 ||
+        mos_view_import(o[6], "pool_b", 2, &v[V_POOL_B], NULL) < 0 ||
+        mos_view_import(o[7], "index_b", 1, &v[V_INDEX_B], NULL) < 0)
+        goto fail;
+    if (v[V_Y].kind != MOS_KIND_FLOAT) {
+        PyErr_SetString(PyExc_TypeError, "y: expected a floating-point tensor, got int32");
+        goto fail;
+    }
+    if (check_adapter_inputs(&views, &p, v[V_Y].shape[1]) < 0) goto fail;
+    if (p.device != MOS_DEVICE_CPU) {
+        PyErr_SetString(PyExc_BufferError, "x: linear_forward_full runs on CPU tensors only");
+        goto fail;
+    }
+    if (check_matrix(&v[V_Y], &v[V_X], p.n_rows, p.d_out, 1) < 0) goto fail;
+    if (check_matrix(&v[V_WEIGHT], &v[V_X], p.d_out, p.d_in, 0) < 0) goto fail;
+    if (v[V_BIAS].owner) {
+        if (mos_require_dtype(&v[V_BIAS], p.dtype, "x") < 0 ||
+            mos_require_same_device(&v[V_BIAS], &v[V_X]) < 0 ||
+            mos_require_dim(&v[V_BIAS], 0, p.d_out, "d_out") < 0 ||
+            mos_require_contiguous(&v[V_BIAS]) < 0)
+            goto fail;
+    }
+    {
+        mos_view *outs[] = {&v[V_Y]};
+        mos_view *all[] = {&v[V_X], &v[V_POOL_A], &v[V_INDEX_A], &v[V_POOL_B], &v[V_INDEX_B],
+                           &v[V_Y], &v[V_WEIGHT], &v[V_BIAS]};
+        if (mos_require_no_overlap(outs, 1, all, 8) < 0) goto fail;
+    }
+    p.scale = scale;
+    p.y = v[V_Y].data;
+    p.y_stride = v[V_Y].strides[0];
+    p.weight = v[V_WEIGHT].data;
+    p.weight_stride = v[V_WEIGHT].strides[0];
+    p.bias = v[V_BIAS].data;
+    return run_linear(mos_linear_forward_full, &p, &views, "linear_forward_full");
+fail:
+    release_all(&views);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- linear_backward */
+
+static PyObject *linear_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames) {
+    static const char *const names[] = {"dx", "dpool_a", "dpool_b", "dy", "x", "pool_a",
+                                        "index_a", "pool_b", "index_b", "scale", "h",
+                                        "workspace", "stream"};
+    PyObject *o[13];
+    linear_views views;
+    memset(&views, 0, sizeof views);
+    mos_linear_params p;
+    double scale;
+    void *stream;
+    if (parse_args("linear_backward", args, nargs, kwnames, names, 13, 10, o) < 0) return NULL;
+    if (parse_scale(o[9], &scale) < 0 || parse_stream(o[12], &stream) < 0) return NULL;
+    mos_view *v = views.v;
+    if (mos_import_optional(o[0], "dx", 2, &v[V_DX], o[12]) < 0 ||
+        mos_import_optional(o[1], "dpool_a", 2, &v[V_DPOOL_A], o[12]) < 0 ||
+        mos_import_optional(o[2], "dpool_b", 2, &v[V_DPOOL_B], o[12]) < 0 ||
+        mos_view_import(o[3], "dy", 2, &v[V_DY], o[12]) < 0 ||
+        mos_view_import(o[4], "x", 2, &v[V_X], o[12]) < 0 ||
+        mos_view_import(o[5], "pool_a", 2, &v[V_POOL_A], o[12]) < 0 ||
+        mos_view_import(o[6], "index_a", 1, &v[V_INDEX_A], o[12]) < 0 ||
+        mos_view_import(o[7], "pool_b", 2, &v[V_POOL_B], o[12]) < 0 ||
+        mos_view_import(o[8], "index_b", 1, &v[V_INDEX_B], o[12]) < 0 ||
+        mos_import_optional(o[10], "h", 2, &v[V_H], o[12]) < 0 ||
+        mos_import_optional(o[11], "workspace", 1, &v[V_WORKSPACE], o[12]) < 0)
+        goto fail;
+    if (v[V_DY].kind != MOS_KIND_FLOAT) {
+        PyErr_SetString(PyExc_TypeError, "dy: expected a floating-point tensor, got int32");
+        goto fail;
+    }
+    if (check_adapter_inputs(&views, &p, v[V_DY].shape[1]) < 0) goto fail;
+    if (check_matrix(&v[V_DY], &v[V_X], p.n_rows, p.d_out, 0) < 0) goto fail;
+    if (v[V_DX].owner && check_matrix(&v[V_DX], &v[V_X], p.n_rows, p.d_in, 1) < 0) goto fail;
+    {
+        mos_view *pools[] = {&v[V_POOL_A], &v[V_POOL_B]};
+        mos_view *grads[] = {&v[V_DPOOL_A], &v[V_DPOOL_B]};
+        mos_view *indices[] = {&v[V_INDEX_A], &v[V_INDEX_B]};
+        for (int s = 0; s < 2; ++s) {
+            if (!grads[s]->owner) continue;
+            if (mos_require_dtype(grads[s], p.dtype, "x") < 0 ||
+                mos_require_same_device(grads[s], &v[V_X]) < 0 ||
+                mos_require_dim(grads[s], 0, pools[s]->shape[0], "pool rows") < 0 ||
+                mos_require_dim(grads[s], 1, pools[s]->shape[1], "shard length") < 0 ||
+                mos_require_contiguous(grads[s]) < 0 || mos_require_writable(grads[s]) < 0 ||
+                mos_require_index_range(indices[s], pools[s]->shape[0], 1) < 0)
+                goto fail;
+        }
+    }
+    if (check_h_and_workspace(&views, &p, MOS_OP_BACKWARD, 0) < 0) goto fail;
+    {
+        mos_view *outs[] = {&v[V_DX], &v[V_DPOOL_A], &v[V_DPOOL_B], &v[V_WORKSPACE]};
+        mos_view *all[] = {&v[V_X], &v[V_POOL_A], &v[V_INDEX_A], &v[V_POOL_B], &v[V_INDEX_B],
+                           &v[V_DY], &v[V_H], &v[V_DX], &v[V_DPOOL_A], &v[V_DPOOL_B],
+                           &v[V_WORKSPACE]};
+        if (mos_require_no_overlap(outs, 4, all, 11) < 0) goto fail;
+    }
+    p.scale = scale;
+    p.stream = stream;
+    p.dy = v[V_DY].data;
+    p.dy_stride = v[V_DY].strides[0];
+    p.dx = v[V_DX].data;
+    p.dx_stride = v[V_DX].owner ? v[V_DX].strides[0] : 0;
+    p.dpool_a = v[V_DPOOL_A].data;
+    p.dpool_b = v[V_DPOOL_B].data;
+    return run_linear(mos_linear_backward, &p, &views, "linear_backward");
+fail:
+    release_all(&views);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- assemble / scatter_add */
+
+/* rows (n, shard_len) <-> pool (n_shards, shard_len) through index (n,). */
+static PyObject *gather_op(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int scatter) {
+    const char *function = scatter ? "scatter_add" : "assemble";
+    static const char *const gather_names[] = {"rows", "pool", "index", "stream"};
+    static const char *const scatter_names[] = {"pool", "rows", "index", "stream"};
+    PyObject *o[4];
+    mos_view rows, pool, index;
+    memset(&rows, 0, sizeof rows);
+    memset(&pool, 0, sizeof pool);
+    memset(&index, 0, sizeof index);
+    void *stream;
+    mos_status status;
+    if (parse_args(function, args, nargs, kwnames, scatter ? scatter_names : gather_names, 4, 3, o) < 0)
+        return NULL;
+    PyObject *rows_obj = scatter ? o[1] : o[0], *pool_obj = scatter ? o[0] : o[1];
+    if (parse_stream(o[3], &stream) < 0) return NULL;
+    if (mos_view_import(rows_obj, "rows", 2, &rows, o[3]) < 0 ||
+        mos_view_import(pool_obj, "pool", 2, &pool, o[3]) < 0 ||
+        mos_view_import(o[2], "index", 1, &index, o[3]) < 0)
+        goto fail;
+    if (pool.kind != MOS_KIND_FLOAT) {
+        PyErr_SetString(PyExc_TypeError, "pool: expected a floating-point tensor, got int32");
+        goto fail;
+    }
+    if (mos_require_dtype(&rows, pool.dtype, "pool") < 0 || mos_require_contiguous(&pool) < 0 ||
+        mos_require_index(&index) < 0 || mos_require_same_device(&rows, &pool) < 0 ||
+        mos_require_same_device(&index, &pool) < 0 ||
+        mos_require_dim(&rows, 0, index.shape[0], "one row per index") < 0 ||
+        mos_require_dim(&rows, 1, pool.shape[1], "shard length") < 0 || mos_require_rows(&rows) < 0 ||
+        mos_require_writable(scatter ? &pool : &rows) < 0 ||
+        mos_require_index_range(&index, pool.shape[0], scatter) < 0)
+        goto fail;
+    {
+        mos_view *out = scatter ? &pool : &rows;
+        mos_view *outs[] = {out};
+        mos_view *all[] = {&rows, &pool, &index};
+        if (mos_require_no_overlap(outs, 1, all, 3) < 0) goto fail;
+    }
+    mos_gather_params p = {
+        .dtype = pool.dtype, .device = pool.device, .device_id = pool.device_id, .stream = stream,
+        .rows = rows.data, .rows_stride = rows.strides[0], .pool = pool.data, .index = index.data,
+        .n_index = index.shape[0], .n_shards = pool.shape[0], .shard_len = pool.shape[1]};
+    Py_BEGIN_ALLOW_THREADS
+    status = scatter ? mos_scatter_add(&p) : mos_assemble(&p);
+    Py_END_ALLOW_THREADS
+    mos_view_release(&rows);
+    mos_view_release(&pool);
+    mos_view_release(&index);
+    if (status != MOS_OK) return mos_raise_status(status, function);
+    Py_RETURN_NONE;
+fail:
+    mos_view_release(&rows);
+    mos_view_release(&pool);
+    mos_view_release(&index);
+    return NULL;
+}
+
+static PyObject *assemble(PyObject *m, PyObject *const *a, Py_ssize_t n, PyObject *k) {
+    return gather_op(a, n, k, 0);
+}
+
+static PyObject *scatter_add(PyObject *m, PyObject *const *a, Py_ssize_t n, PyObject *k) {
+    return gather_op(a, n, k, 1);
+}
+
+/* ---------------------------------------------------------------- pools and routes */
+
+static int parse_shape(PyObject *args, PyObject *kwargs, const char *format, char **kwlist,
+                       mos_pool_shape *s, unsigned long long *seed, const char **name,
+                       long long *layer, int *side) {
+    long long d_in, d_out, n_layers, r, re, l, p;
+    int subset = 1;
+    memset(s, 0, sizeof *s);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, kwlist, &d_in, &d_out, &n_layers, &r,
+                                     &re, &l, &p, &subset, seed, name, layer, side))
+        return -1;
+    *s = (mos_pool_shape){.d_in = d_in, .d_out = d_out, .n_layers = n_layers, .rank = r,
+                          .equivalent_rank = re, .shards_per_vector = l, .private_rank = p,
+                          .subset_selection = subset};
+    return 0;
+}
+
+static PyObject *pool_shape(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"d_in", "d_out", "n_layers", "r", "equivalent_rank",
+                             "shards_per_vector", "private_rank", "subset_selection", NULL};
+    mos_pool_shape s;
+    if (parse_shape(args, kwargs, "LLLLLLL|p:pool_shape", kwlist, &s, NULL, NULL, NULL, NULL) < 0)
+        return NULL;
+    mos_status status = mos_pool_shape_validate(&s);
+    if (status != MOS_OK) {
+        PyErr_SetString(PyExc_ValueError, mos_last_error());
+        return NULL;
+    }
+    return Py_BuildValue("{sLsLsLsL}", "n_shards", (long long)s.n_shards, "n_public",
+                         (long long)s.n_public, "shard_len_a", (long long)s.shard_len_a,
+                         "shard_len_b", (long long)s.shard_len_b);
+}
+
+static PyObject *route_indices(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"d_in", "d_out", "n_layers", "r", "equivalent_rank",
+                             "shards_per_vector", "private_rank", "subset_selection", "seed",
+                             "pool_name", "layer", "side", NULL};
+    mos_pool_shape s;
+    unsigned long long seed = 0;
+    const char *name = NULL;
+    long long layer = 0;
+    int side = 0;
+    if (parse_shape(args, kwargs, "LLLLLLLpKsLi:route_indices", kwlist, &s, &seed, &name, &layer,
+                    &side) < 0)
+        return NULL;
+    mos_pool_shape checked = s;
+    if (mos_pool_shape_validate(&checked) != MOS_OK) {
+        PyErr_SetString(PyExc_ValueError, mos_last_error());
+        return NULL;
+    }
+    npy_intp length = (npy_intp)(s.rank * s.shards_per_vector);
+    PyObject *out = PyArray_SimpleNew(1, &length, NPY_INT32);
+    if (!out) return NULL;
+    mos_status status = mos_route_indices(PyArray_DATA((PyArrayObject *)out), &s, seed, name,
+                                          layer, (mos_side)side);
+    if (status != MOS_OK) {
+        Py_DECREF(out);
+        return mos_raise_status(status, "route_indices");
+    }
+    return out;
+}
+
+static PyObject *route_key(PyObject *module, PyObject *args) {
+    unsigned long long seed;
+    const char *name;
+    long long layer;
+    int side;
+    if (!PyArg_ParseTuple(args, "KsLi:route_key", &seed, &name, &layer, &side)) return NULL;
+    return PyLong_FromUnsignedLongLong(mos_route_key(seed, name, layer, (mos_side)side));
+}
+
+static PyObject *linear_workspace_bytes(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"n_rows", "d_in", "d_out", "r", "itemsize", "backward", "with_h", NULL};
+    long long n, d_in, d_out, r;
+    int itemsize, backward = 0, with_h = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLLi|pp:linear_workspace_bytes", kwlist, &n,
+                                     &d_in, &d_out, &r, &itemsize, &backward, &with_h))
+        return NULL;
+    mos_linear_params p = {.dtype = itemsize == 8 ? MOS_F64 : itemsize == 4 ? MOS_F32 : MOS_F16,
+                           .n_rows = n, .d_in = d_in, .d_out = d_out, .rank = r,
+                           .h = with_h ? (void *)&p : NULL};
+    return PyLong_FromSize_t(mos_linear_workspace_bytes(&p, backward ? MOS_OP_BACKWARD : MOS_OP_FORWARD));
+}
+
+static PyObject *build_info(PyObject *module, PyObject *unused) {
+    return Py_BuildValue("{sOsssisi}", "cuda", mos_cuda_built() ? Py_True : Py_False, "blas",
+                         "scipy-openblas32", "blas_threads", mos_cpu_get_num_threads(),
+                         "sanitized",
+#if defined(__SANITIZE_ADDRESS__)
+                         1
+#else
+                         0
+#endif
+    );
+}
+
+static PyObject *set_num_threads(PyObject *module, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1) {
+        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be >= 1, got %ld", n);
+        return NULL;
+    }
+    int previous = mos_cpu_get_num_threads();
+    mos_cpu_set_num_threads((int)n);
+    return PyLong_FromLong(previous);
+}
+
+/* ---------------------------------------------------------------- module definition */
+
+#define FASTCALL (METH_FASTCALL | METH_KEYWORDS)
+
+static PyMethodDef methods[] = {
+    {"linear_forward", (PyCFunction)(void (*)(void))linear_forward, FASTCALL,
+     "linear_forward(y, x, pool_a, index_a, pool_b, index_b, scale, h=None, workspace=None, "
+     "stream=None)\n--\n\ny += scale * (x A^T) B^T with A, B gathered from the pools."},
+    {"linear_forward_full", (PyCFunction)(void (*)(void))linear_forward_full, FASTCALL,
+     "linear_forward_full(y, x, weight, bias, pool_a, index_a, pool_b, index_b, scale)\n--\n\n"
+     "y = x W^T + bias + scale * (x A^T) B^T (CPU)."},
+    {"linear_backward", (PyCFunction)(void (*)(void))linear_backward, FASTCALL,
+     "linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a, index_a, pool_b, index_b, scale, "
+     "h=None, workspace=None, stream=None)\n--\n\nAccumulates dx and scatter-adds pool gradients."},
+    {"assemble", (PyCFunction)(void (*)(void))assemble, FASTCALL,
+     "assemble(rows, pool, index, stream=None)\n--\n\nrows[i] = pool[index[i]]."},
+    {"scatter_add", (PyCFunction)(void (*)(void))scatter_add, FASTCALL,
+     "scatter_add(pool, rows, index, stream=None)\n--\n\npool[index[i]] += rows[i] (distinct indices)."},
+    {"pool_shape", (PyCFunction)(void (*)(void))pool_shape, METH_VARARGS | METH_KEYWORDS,
+     "Validates a pool's sizes; returns n_shards, n_public and shard lengths."},
+    {"route_indices", (PyCFunction)(void (*)(void))route_indices, METH_VARARGS | METH_KEYWORDS,
+     "The int32 index table of one (pool, layer, side)."},
+    {"route_key", route_key, METH_VARARGS, "route_key(seed, pool_name, layer, side) -> PRNG key."},
+    {"linear_workspace_bytes", (PyCFunction)(void (*)(void))linear_workspace_bytes,
+     METH_VARARGS | METH_KEYWORDS, "Workspace bytes a linear call needs."},
+    {"build_info", build_info, METH_NOARGS, "How this extension was built."},
+    {"set_num_threads", set_num_threads, METH_O, "Sets OpenBLAS's thread count; returns the old one."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_exec(PyObject *module) {
+    if (PyArray_ImportNumPyAPI() < 0) return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, .m_name = "mos._C",
+    .m_doc = "C core of mos (Mixture of Shards): pools, routes and MoSLinear kernels.",
+    .m_size = 0, .m_methods = methods, .m_slots = slots,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&module_def); }

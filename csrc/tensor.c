@@ -1,0 +1,194 @@
+/*
+ * tensor.c -- imports NumPy arrays (directly, through the NumPy C API) and any object with
+ * __dlpack__ (versioned capsule first, legacy on TypeError) into mos_view.
+ * Rules follow the DLPack spec: byte_offset is always added, NULL strides mean row-major,
+ * size-0 tensors may have data == NULL, read-only tensors are flagged, and the consumed
+ * capsule is renamed "used_*" so its destructor leaves the deleter to us (run exactly once).
+ */
+#define NO_IMPORT_ARRAY
+#define PY_ARRAY_UNIQUE_SYMBOL MOS_ARRAY_API
+#include "tensor.h"
+
+#include <numpy/arrayobject.h>
+
+#include "dlpack_abi.h"
+
+static int fail(PyObject *type, const mos_view *v, const char *what) {
+    PyErr_Format(type, "%s: %s", v->name, what);
+    return -1;
+}
+
+static int set_float_dtype(mos_view *v, int code, int bits) {
+    if (code == MOS_DL_FLOAT && bits == 32) v->dtype = MOS_F32;
+    else if (code == MOS_DL_FLOAT && bits == 64) v->dtype = MOS_F64;
+    else if (code == MOS_DL_FLOAT && bits == 16) v->dtype = MOS_F16;
+    else if (code == MOS_DL_BFLOAT && bits == 16) v->dtype = MOS_BF16;
+    else if (code == MOS_DL_INT && bits == 32) { v->kind = MOS_KIND_INT32; v->itemsize = 4; return 0; }
+    else {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: unsupported dtype (DLPack code %d, %d bits); expected float32, float64, "
+                     "float16, bfloat16 or int32", v->name, code, bits);
+        return -1;
+    }
+    v->kind = MOS_KIND_FLOAT;
+    v->itemsize = mos_dtype_size(v->dtype);
+    return 0;
+}
+
+static int import_numpy(PyArrayObject *arr, mos_view *v) {
+    int type = PyArray_TYPE(arr);
+    int code, bits;
+    switch (type) {
+    case NPY_FLOAT32: code = MOS_DL_FLOAT; bits = 32; break;
+    case NPY_FLOAT64: code = MOS_DL_FLOAT; bits = 64; break;
+    case NPY_FLOAT16: code = MOS_DL_FLOAT; bits = 16; break;
+    case NPY_INT32: code = MOS_DL_INT; bits = 32; break;
+    default:
+        PyErr_Format(PyExc_TypeError,
+                     "%s: unsupported dtype %R; expected float32, float64 or int32 (indices)",
+                     v->name, (PyObject *)PyArray_DESCR(arr));
+        return -1;
+    }
+    if (set_float_dtype(v, code, bits) < 0) return -1;
+    if (!PyArray_ISNOTSWAPPED(arr)) return fail(PyExc_BufferError, v, "byte-swapped arrays are not supported");
+    v->data = PyArray_DATA(arr);
+    for (int d = 0; d < v->ndim; ++d) {
+        npy_intp stride = PyArray_STRIDES(arr)[d];
+        v->shape[d] = PyArray_DIMS(arr)[d];
+        if (stride % (npy_intp)v->itemsize != 0)
+            return fail(PyExc_BufferError, v, "strides must be a multiple of the item size");
+        v->strides[d] = stride / (npy_intp)v->itemsize;
+    }
+    v->device = MOS_DEVICE_CPU;
+    v->device_id = 0;
+    v->readonly = !PyArray_ISWRITEABLE(arr);
+    Py_INCREF(arr);
+    v->owner = (PyObject *)arr;
+    return 0;
+}
+
+/* Calls obj.__dlpack__(stream=..., max_version=(1, 0)), falling back to the legacy signature. */
+static PyObject *request_capsule(PyObject *obj, PyObject *stream) {
+    PyObject *method = NULL, *kwargs = NULL, *empty = NULL, *capsule = NULL, *version = NULL;
+    method = PyObject_GetAttrString(obj, "__dlpack__");
+    if (!method) goto cleanup;
+    kwargs = PyDict_New();
+    empty = PyTuple_New(0);
+    version = Py_BuildValue("(ii)", 1, 0);
+    if (!kwargs || !empty || !version) goto cleanup;
+    if (stream && stream != Py_None && PyDict_SetItemString(kwargs, "stream", stream) < 0) goto cleanup;
+    if (PyDict_SetItemString(kwargs, "max_version", version) < 0) goto cleanup;
+    capsule = PyObject_Call(method, empty, kwargs);
+    if (!capsule && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        if (PyDict_DelItemString(kwargs, "max_version") < 0) goto cleanup;
+        capsule = PyObject_Call(method, empty, kwargs);
+    }
+cleanup:
+    Py_XDECREF(method);
+    Py_XDECREF(kwargs);
+    Py_XDECREF(empty);
+    Py_XDECREF(version);
+    return capsule;
+}
+
+static int import_dlpack(PyObject *obj, mos_view *v, PyObject *stream) {
+    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (!device) return -1;
+    int device_type = 0, device_id = 0;
+    int ok = PyArg_ParseTuple(device, "ii", &device_type, &device_id);
+    Py_DECREF(device);
+    if (!ok) return -1;
+    if (device_type != MOS_DL_CPU && device_type != MOS_DL_CUDA)
+        return fail(PyExc_BufferError, v, "only CPU and CUDA tensors are supported");
+
+    PyObject *capsule = request_capsule(obj, device_type == MOS_DL_CUDA ? stream : NULL);
+    if (!capsule) return -1;
+    mos_dl_tensor *t;
+    if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
+        mos_dl_managed_versioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
+        if (m->version.major > 1) {
+            Py_DECREF(capsule);
+            return fail(PyExc_BufferError, v, "DLPack major version > 1 is not supported");
+        }
+        PyCapsule_SetName(capsule, "used_dltensor_versioned");
+        v->managed = m;
+        v->versioned = 1;
+        v->readonly = (m->flags & MOS_DL_FLAG_READ_ONLY) != 0;
+        t = &m->dl_tensor;
+    } else if (PyCapsule_IsValid(capsule, "dltensor")) {
+        mos_dl_managed *m = PyCapsule_GetPointer(capsule, "dltensor");
+        PyCapsule_SetName(capsule, "used_dltensor");
+        v->managed = m;
+        v->versioned = 0;
+        v->readonly = 0;
+        t = &m->dl_tensor;
+    } else {
+        Py_DECREF(capsule);
+        return fail(PyExc_TypeError, v, "__dlpack__ did not return a DLPack capsule");
+    }
+    v->owner = capsule;  /* released (and the deleter run) by mos_view_release */
+    if (t->ndim != v->ndim) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a %d-D tensor, got %d-D", v->name, v->ndim,
+                     (int)t->ndim);
+        return -1;
+    }
+    if (t->dtype.lanes != 1) return fail(PyExc_TypeError, v, "vector dtypes are not supported");
+    if (set_float_dtype(v, t->dtype.code, t->dtype.bits) < 0) return -1;
+    v->data = t->data ? (char *)t->data + t->byte_offset : NULL;
+    int64_t expected = 1;
+    for (int d = v->ndim - 1; d >= 0; --d) {
+        v->shape[d] = t->shape[d];
+        v->strides[d] = t->strides ? t->strides[d] : expected;
+        expected *= t->shape[d];
+    }
+    v->device = device_type == MOS_DL_CUDA ? MOS_DEVICE_CUDA : MOS_DEVICE_CPU;
+    v->device_id = device_type == MOS_DL_CUDA ? device_id : 0;
+    return 0;
+}
+
+int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *v, PyObject *stream) {
+    memset(v, 0, sizeof *v);
+    v->name = name;
+    v->ndim = ndim;
+    if (PyArray_Check(obj)) {
+        if (PyArray_NDIM((PyArrayObject *)obj) != ndim) {
+            PyErr_Format(PyExc_ValueError, "%s: expected a %d-D array, got %d-D", name, ndim,
+                         PyArray_NDIM((PyArrayObject *)obj));
+            return -1;
+        }
+        return import_numpy((PyArrayObject *)obj, v);
+    }
+    if (!PyObject_HasAttrString(obj, "__dlpack__")) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: expected a NumPy array or an object with __dlpack__, got %.100s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    return import_dlpack(obj, v, stream);
+}
+
+void mos_view_release(mos_view *v) {
+    if (v->managed) {
+        if (v->versioned) {
+            mos_dl_managed_versioned *m = v->managed;
+            if (m->deleter) m->deleter(m);
+        } else {
+            mos_dl_managed *m = v->managed;
+            if (m->deleter) m->deleter(m);
+        }
+        v->managed = NULL;
+    }
+    Py_CLEAR(v->owner);
+}
+
+void mos_view_span(const mos_view *v, uintptr_t *lo, uintptr_t *hi) {
+    intptr_t low = 0, high = 0;
+    for (int d = 0; d < v->ndim; ++d) {
+        if (v->shape[d] == 0) { *lo = *hi = (uintptr_t)v->data; return; }
+        intptr_t extent = (intptr_t)(v->shape[d] - 1) * (intptr_t)v->strides[d] * (intptr_t)v->itemsize;
+        if (extent < 0) low += extent; else high += extent;
+    }
+    *lo = (uintptr_t)v->data + (uintptr_t)low;
+    *hi = (uintptr_t)v->data + (uintptr_t)high + v->itemsize;
+}

@@ -1,0 +1,41 @@
+/* tensor.h -- Python objects (NumPy arrays, anything with __dlpack__) -> plain C tensor views. */
+#ifndef MOS_TENSOR_H
+#define MOS_TENSOR_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "mos.h"
+
+/* Element kinds a view may hold: the float dtypes of mos.h plus int32 index tables. */
+typedef enum { MOS_KIND_FLOAT = 0, MOS_KIND_INT32 = 1 } mos_elem_kind;
+
+/* A borrowed view of a 1-D or 2-D tensor; valid until mos_view_release. */
+typedef struct {
+    const char *name;         /* argument name, for messages */
+    PyObject *owner;          /* owned reference keeping the memory alive (array or capsule) */
+    void *managed;            /* DLPack managed tensor to delete on release, or NULL */
+    int versioned;            /* managed is a mos_dl_managed_versioned */
+    void *data;
+    int ndim;
+    int64_t shape[2];
+    int64_t strides[2];       /* elements */
+    mos_elem_kind kind;
+    mos_dtype dtype;          /* valid when kind == MOS_KIND_FLOAT */
+    size_t itemsize;
+    mos_device_kind device;
+    int device_id;
+    int readonly;
+} mos_view;
+
+/* Fills `view` from `obj` (ndim must be 1 or 2). For CUDA tensors, `stream` is passed to
+ * __dlpack__ so the producer orders its work before ours. Returns 0, or -1 with an exception. */
+int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *view, PyObject *stream);
+
+/* Drops the references and runs the DLPack deleter exactly once. Safe on a zeroed view. */
+void mos_view_release(mos_view *view);
+
+/* Byte span [lo, hi) the view can touch (lo == hi for empty views). */
+void mos_view_span(const mos_view *view, uintptr_t *lo, uintptr_t *hi);
+
+#endif

@@ -1,0 +1,26 @@
+"""mos: MoS (Mixture of Shards) adapters with a C/CUDA core.
+
+`import mos` needs only NumPy; the PyTorch layer lives in `mos.torch`.
+"""
+import scipy_openblas32 as _openblas  # loads the OpenBLAS the extension links against
+
+from . import _C
+from .config import MoSConfig
+from .pool import ShardPool
+from . import functional
+
+__version__ = "0.1.0"
+
+
+def build_info():
+    """How the extension was built: {'cuda': bool, 'blas': str, 'blas_threads': int, ...}."""
+    return _C.build_info()
+
+
+def set_num_threads(n):
+    """Sets the CPU BLAS thread count (OpenBLAS's own pool); returns the previous value."""
+    return _C.set_num_threads(n)
+
+
+__all__ = ["MoSConfig", "ShardPool", "functional", "build_info", "set_num_threads"]
+del _openblas

@@ -1,0 +1,92 @@
+"""MoSConfig: the settings of one MoS adapter, with LoRA's names where the meaning is LoRA's."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Optional, Union
+
+
+def _help(text, default=MISSING, default_factory=MISSING):
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class MoSConfig:
+    """Configuration of a MoS adapter (Wang et al., ICLR 2025, arXiv 2410.00938)."""
+
+    r: int = _help("Forward rank of every adapted layer (LoRA's r).", 8)
+    equivalent_rank: int = _help(
+        "Parameter budget in LoRA-rank units: the pools hold as many parameters as LoRA at this rank.", 2)
+    shards_per_vector: int = _help("l: shards each rank vector is cut into (vector sharding).", 2)
+    private_rank: int = _help("p: rank vectors each layer owns privately (shard privatization).", 1)
+    lora_alpha: float = _help("Scaling numerator: scale = lora_alpha / r (or / sqrt(r) with rsLoRA).", 16.0)
+    lora_dropout: float = _help("Dropout probability on the adapter's input.", 0.0)
+    use_rslora: bool = _help("Use lora_alpha / sqrt(r) as the scale (rank-stabilised LoRA).", False)
+    pair_dissociation: bool = _help("Draw the B-side indices independently of the A-side ones.", True)
+    subset_selection: bool = _help(
+        "Each layer draws a random subset of public shards; False means every layer takes all of them.", True)
+    target_modules: Optional[Union[list, str]] = _help(
+        "Module names to adapt (list of suffixes), a regex (str) or 'all-linear'.", None)
+    seed: int = _help("Seed of the index tables and of the initial pool values.", 0)
+    init_lora_weights: bool = _help("True: B-pool zero so a fresh adapter is a no-op (LoRA's init).", True)
+    pool_dtype: str = _help("dtype of the pools (float32 keeps training stable with 16-bit bases).", "float32")
+    layer_pattern: str = _help(
+        "Regex whose first group is the layer index in a module path (for privatization).", r"\.(\d+)\.")
+    base_model_name_or_path: Optional[str] = _help("Recorded in adapter_config.json for reference.", None)
+    task_type: Optional[str] = _help("Recorded in adapter_config.json (PEFT's field).", None)
+    peft_type: str = _help("Adapter family tag written to adapter_config.json.", "MOS")
+
+    def __post_init__(self):
+        for name in ("r", "equivalent_rank", "shards_per_vector"):
+            _require_int(self, name, minimum=1)
+        _require_int(self, "private_rank", minimum=0)
+        _require_int(self, "seed", minimum=0)
+        if self.private_rank > self.equivalent_rank:
+            raise ValueError(f"private_rank={self.private_rank} must be <= equivalent_rank={self.equivalent_rank}")
+        if self.private_rank > self.r:
+            raise ValueError(f"private_rank={self.private_rank} must be <= r={self.r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not math.isfinite(self.lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("use_rslora", "pair_dissociation", "subset_selection", "init_lora_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.pool_dtype not in ("float32", "float64", "float16", "bfloat16"):
+            raise ValueError(f"pool_dtype must be float32, float64, float16 or bfloat16, got {self.pool_dtype!r}")
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple, set)):
+            raise ValueError(f"target_modules must be a list of names, a regex string or 'all-linear', "
+                             f"got {type(self.target_modules).__name__}")
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        """s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MoSConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MoSConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _require_int(config, name, minimum):
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -1,0 +1,128 @@
+"""Stateless MoS ops over NumPy arrays and any DLPack tensor (torch tensors included).
+
+Outputs are allocated in the input's own library (NumPy for NumPy, `x.new_zeros` for torch)
+unless given; N-D inputs are flattened to rows. Every call validates before it writes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _C
+
+__all__ = ["assemble", "forward", "backward", "scatter_add", "workspace_bytes"]
+
+
+def _zeros_like_lib(ref, shape, dtype=None):
+    if isinstance(ref, np.ndarray):
+        return np.zeros(shape, dtype=dtype or ref.dtype)
+    if hasattr(ref, "new_zeros"):
+        return ref.new_zeros(shape) if dtype is None else ref.new_zeros(shape, dtype=dtype)
+    return np.zeros(shape, dtype=dtype or np.float32)
+
+
+def _rows(x, name):
+    """(N, d) view of x with contiguous columns: flattens leading dimensions, copies if it must."""
+    if not hasattr(x, "shape") or len(x.shape) < 1:
+        raise TypeError(f"{name}: expected an array with at least one dimension, got {type(x).__name__}")
+    if len(x.shape) == 2:
+        flat = x
+    else:
+        flat = x.reshape(-1, x.shape[-1])
+    strides_ok = _column_stride(flat) in (1, None)
+    if not strides_ok:
+        flat = np.ascontiguousarray(flat) if isinstance(flat, np.ndarray) else flat.contiguous()
+    return flat
+
+
+def _column_stride(a):
+    if a.shape[-1] <= 1:
+        return None
+    if isinstance(a, np.ndarray):
+        return a.strides[-1] // a.itemsize if a.strides[-1] >= 0 else -1
+    if hasattr(a, "stride"):
+        return a.stride(-1)
+    return 1
+
+
+def assemble(pool, index, r: int):
+    """The (r, l * shard_len) matrix whose row j concatenates shards index[j*l : (j+1)*l].
+
+    Gives A for an A-pool and B^T for a B-pool (DESIGN section 1, vector sharding)."""
+    n_index = int(index.shape[0])
+    if not isinstance(r, (int, np.integer)) or r < 1 or n_index % r:
+        raise ValueError(f"r must be a positive divisor of len(index)={n_index}, got {r!r}")
+    rows = _zeros_like_lib(pool, (n_index, int(pool.shape[1])))
+    _C.assemble(rows, pool, index)
+    return rows.reshape(r, n_index // r * int(pool.shape[1]))
+
+
+def scatter_add(pool_grad, rows, index):
+    """pool_grad[index[i]] += rows[i] (indices distinct); the transpose of assemble."""
+    _C.scatter_add(pool_grad, _rows(rows, "rows"), index)
+    return pool_grad
+
+
+def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, weight=None,
+            bias=None, workspace=None, stream=None):
+    """y = scale * (x A^T) B^T, added into `out` when given (shape (..., d_out)).
+
+    With `weight` (d_out, d_in) and optional `bias`, computes the whole layer
+    x W^T + bias + scale * (x A^T) B^T (CPU). `h` (N, r) receives x A^T when given."""
+    x2 = _rows(x, "x")
+    lead = tuple(x.shape[:-1])
+    if weight is not None:
+        d_out = int(weight.shape[0])
+    elif out is not None:
+        d_out = int(out.shape[-1])
+    else:
+        d_in = int(x.shape[-1])
+        d_out = int(pool_b.shape[1]) * (d_in // max(int(pool_a.shape[1]), 1))
+    y = _zeros_like_lib(x, lead + (d_out,)) if out is None else out
+    if tuple(y.shape[:-1]) != lead:
+        raise ValueError(f"out: leading shape {tuple(y.shape[:-1])} does not match x's {lead}")
+    y2 = y.reshape(-1, d_out) if len(y.shape) != 2 else y
+    if not _shares_memory(y2, y):
+        raise ValueError("out: cannot be viewed as (rows, d_out) without a copy; pass a contiguous out")
+    if weight is not None:
+        _C.linear_forward_full(y2, x2, weight, bias, pool_a, index_a, pool_b, index_b, scale)
+    else:
+        _C.linear_forward(y2, x2, pool_a, index_a, pool_b, index_b, scale, h, workspace, stream)
+    return y
+
+
+def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a=None,
+             dpool_b=None, h=None, need_dx=True, workspace=None, stream=None):
+    """Returns (dx, dpool_a, dpool_b) of y = scale * (x A^T) B^T for the upstream gradient dy.
+
+    Given arrays are accumulated into (so several layers can share one pool gradient); missing
+    ones are allocated as zeros (dx only when need_dx)."""
+    x2, dy2 = _rows(x, "x"), _rows(dy, "dy")
+    if need_dx and dx is None:
+        dx = _zeros_like_lib(x, tuple(x.shape))
+    dx2 = None
+    if dx is not None:
+        dx2 = dx.reshape(-1, dx.shape[-1]) if len(dx.shape) != 2 else dx
+        if not _shares_memory(dx2, dx):
+            raise ValueError("dx: cannot be viewed as (rows, d_in) without a copy")
+    if dpool_a is None:
+        dpool_a = _zeros_like_lib(pool_a, tuple(pool_a.shape))
+    if dpool_b is None:
+        dpool_b = _zeros_like_lib(pool_b, tuple(pool_b.shape))
+    _C.linear_backward(dx2, dpool_a, dpool_b, dy2, x2, pool_a, index_a, pool_b, index_b, scale,
+                       h, workspace, stream)
+    return dx, dpool_a, dpool_b
+
+
+def workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False) -> int:
+    """Scratch bytes one linear call needs (CUDA callers must pass a workspace this large)."""
+    return _C.linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward, with_h)
+
+
+def _shares_memory(view, base):
+    if view is base:
+        return True
+    if isinstance(view, np.ndarray):
+        return np.shares_memory(view, base) or view.size == 0
+    if hasattr(view, "data_ptr"):
+        return view.numel() == 0 or view.data_ptr() == base.data_ptr()
+    return True

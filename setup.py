@@ -1,0 +1,105 @@
+"""Builds mos._C from csrc/*.c (and cuda/*.cu when CUDA is on).
+
+Switches (environment variables):
+  MOS_CUDA     auto (default: build CUDA when nvcc is found) | 0 | 1 (fail without nvcc)
+  MOS_SANITIZE 1 builds with -fsanitize=address,undefined (run with LD_PRELOAD of libasan)
+  MOS_DEBUG    1 builds with -O0 -g
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import scipy_openblas32
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).parent.resolve()
+CUDA_ARCHS = ["-gencode", "arch=compute_80,code=sm_80",
+              "-gencode", "arch=compute_90,code=sm_90",
+              "-gencode", "arch=compute_90,code=compute_90"]
+
+
+def flag(name, default="0"):
+    return os.environ.get(name, default).strip().lower()
+
+
+def find_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    candidate = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    return str(candidate) if candidate.exists() else None
+
+
+def cuda_setting():
+    mode = flag("MOS_CUDA", "auto")
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"MOS_CUDA must be auto, 0 or 1, got {mode!r}")
+    nvcc = find_nvcc() if mode != "0" else None
+    if mode == "1" and not nvcc:
+        sys.exit("MOS_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+    return nvcc
+
+
+def c_flags():
+    flags = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
+    if flag("MOS_DEBUG") == "1":
+        flags += ["-O0", "-g"]
+    else:
+        flags += ["-O3"]
+    if flag("MOS_SANITIZE") == "1":
+        flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    return flags
+
+
+class BuildExt(build_ext):
+    """Adds the nvcc step: cuda/*.cu -> objects linked into mos._C."""
+
+    def build_extension(self, ext):
+        nvcc = cuda_setting()
+        cu_files = sorted((HERE / "cuda").glob("*.cu"))
+        if nvcc and cu_files:
+            cuda_home = Path(nvcc).resolve().parent.parent
+            out_dir = Path(self.build_temp) / "cuda"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            objects = []
+            for cu in cu_files:
+                obj = out_dir / (cu.stem + ".o")
+                cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-Wall,-Wextra",
+                       "-Werror", "all-warnings", "-DMOS_WITH_CUDA", f"-I{HERE / 'csrc'}",
+                       *CUDA_ARCHS, "-c", str(cu), "-o", str(obj)]
+                print(" ".join(cmd))
+                subprocess.check_call(cmd)
+                objects.append(str(obj))
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            ext.define_macros = list(ext.define_macros or []) + [("MOS_WITH_CUDA", "1")]
+            lib_dirs = [d for d in (cuda_home / "lib64", cuda_home / "lib") if d.exists()]
+            ext.library_dirs = list(ext.library_dirs) + [str(d) for d in lib_dirs]
+            ext.runtime_library_dirs = list(ext.runtime_library_dirs) + [str(d) for d in lib_dirs]
+            ext.libraries = list(ext.libraries) + ["cudart", "cublas"]
+        super().build_extension(ext)
+
+
+def extension():
+    lib_dir = scipy_openblas32.get_lib_dir()
+    link_args = []
+    if flag("MOS_SANITIZE") == "1":
+        link_args += ["-fsanitize=address,undefined"]
+    return Extension(
+        "mos._C",
+        sources=sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.c")),
+        include_dirs=["csrc", numpy.get_include(), scipy_openblas32.get_include_dir()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+        library_dirs=[lib_dir],
+        libraries=[scipy_openblas32.get_library()],
+        # Installed next to scipy_openblas32 in site-packages; mos/__init__ also preloads it.
+        runtime_library_dirs=["$ORIGIN/../scipy_openblas32/lib", lib_dir],
+        extra_compile_args=c_flags(),
+        extra_link_args=link_args,
+    )
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExt})
