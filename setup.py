@@ -27,21 +27,38 @@ def flag(name, default="0"):
 
 
 def find_nvcc():
+    """(nvcc, cuda_home): CUDA_HOME's nvcc first, else the one on PATH (which may be a wrapper)."""
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc"), Path(home)
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        return nvcc
-    candidate = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
-    return str(candidate) if candidate.exists() else None
+    return (nvcc, Path(nvcc).resolve().parent.parent) if nvcc else (None, None)
 
 
 def cuda_setting():
     mode = flag("MOS_CUDA", "auto")
     if mode not in ("auto", "0", "1"):
         sys.exit(f"MOS_CUDA must be auto, 0 or 1, got {mode!r}")
-    nvcc = find_nvcc() if mode != "0" else None
+    nvcc, home = find_nvcc() if mode != "0" else (None, None)
     if mode == "1" and not nvcc:
         sys.exit("MOS_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
-    return nvcc
+    return nvcc, home
+
+
+def find_cublas(cuda_home):
+    """(include_dir, lib_dir, link_name) of cuBLAS: the toolkit's own, else the nvidia-cublas wheel."""
+    for inc, lib in ((cuda_home / "include", cuda_home / "lib64"), (cuda_home / "include", cuda_home / "lib")):
+        if (inc / "cublas_v2.h").exists() and (lib / "libcublas.so").exists():
+            return inc, lib, "cublas"
+    try:
+        import nvidia.cu13 as wheel  # the nvidia-cublas wheel (CUDA 13 layout)
+    except ImportError:
+        return None
+    root = Path(list(wheel.__path__)[0])
+    libs = sorted((root / "lib").glob("libcublas.so.*"))
+    if (root / "include" / "cublas_v2.h").exists() and libs:
+        return root / "include", root / "lib", ":" + libs[0].name
+    return None
 
 
 def c_flags():
@@ -59,17 +76,23 @@ class BuildExt(build_ext):
     """Adds the nvcc step: cuda/*.cu -> objects linked into mos._C."""
 
     def build_extension(self, ext):
-        nvcc = cuda_setting()
+        nvcc, cuda_home = cuda_setting()
         cu_files = sorted((HERE / "cuda").glob("*.cu"))
+        cublas = find_cublas(cuda_home) if nvcc else None
+        if nvcc and not cublas:
+            if flag("MOS_CUDA", "auto") == "1":
+                sys.exit("MOS_CUDA=1 but cuBLAS was not found (toolkit or `pip install nvidia-cublas`)")
+            print("mos: nvcc found but no cuBLAS; building CPU-only")
+            nvcc = None
         if nvcc and cu_files:
-            cuda_home = Path(nvcc).resolve().parent.parent
+            cublas_inc, cublas_lib, cublas_name = cublas
             out_dir = Path(self.build_temp) / "cuda"
             out_dir.mkdir(parents=True, exist_ok=True)
             objects = []
             for cu in cu_files:
                 obj = out_dir / (cu.stem + ".o")
                 cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-Wall,-Wextra",
-                       "-Werror", "all-warnings", "-DMOS_WITH_CUDA", f"-I{HERE / 'csrc'}",
+                       "-Werror", "all-warnings", "-DMOS_WITH_CUDA", f"-I{HERE / 'csrc'}", f"-I{cublas_inc}",
                        *CUDA_ARCHS, "-c", str(cu), "-o", str(obj)]
                 print(" ".join(cmd))
                 subprocess.check_call(cmd)
@@ -77,9 +100,10 @@ class BuildExt(build_ext):
             ext.extra_objects = list(ext.extra_objects or []) + objects
             ext.define_macros = list(ext.define_macros or []) + [("MOS_WITH_CUDA", "1")]
             lib_dirs = [d for d in (cuda_home / "lib64", cuda_home / "lib") if d.exists()]
-            ext.library_dirs = list(ext.library_dirs) + [str(d) for d in lib_dirs]
-            ext.runtime_library_dirs = list(ext.runtime_library_dirs) + [str(d) for d in lib_dirs]
-            ext.libraries = list(ext.libraries) + ["cudart", "cublas"]
+            lib_dirs = [str(d) for d in lib_dirs + [cublas_lib]]
+            ext.library_dirs = list(ext.library_dirs) + lib_dirs
+            ext.runtime_library_dirs = list(ext.runtime_library_dirs) + lib_dirs
+            ext.libraries = list(ext.libraries) + ["cudart", cublas_name, "stdc++"]
         super().build_extension(ext)
 
 

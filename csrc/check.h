@@ -4,6 +4,10 @@
 
 #include "mos.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Returns `status` with "<message> (file:line)" recorded when `cond` is false. */
 #define MOS_CHECK(cond, status, ...)                                                     \
     do {                                                                                 \
@@ -22,5 +26,9 @@ mos_status mos_check_fail(mos_status status, const char *file, int line, const c
     __attribute__((format(printf, 4, 5)))
 #endif
     ;
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -86,6 +86,9 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
     if weight is not None:
         _C.linear_forward_full(y2, x2, weight, bias, pool_a, index_a, pool_b, index_b, scale)
     else:
+        r = int(index_a.shape[0]) * int(pool_a.shape[1]) // int(x2.shape[1])
+        workspace, stream = _cuda_context(x2, workspace, stream, int(x2.shape[0]), int(x2.shape[1]),
+                                          d_out, max(r, 1), False, h is not None)
         _C.linear_forward(y2, x2, pool_a, index_a, pool_b, index_b, scale, h, workspace, stream)
     return y
 
@@ -108,6 +111,9 @@ def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a
         dpool_a = _zeros_like_lib(pool_a, tuple(pool_a.shape))
     if dpool_b is None:
         dpool_b = _zeros_like_lib(pool_b, tuple(pool_b.shape))
+    r = int(index_a.shape[0]) * int(pool_a.shape[1]) // max(int(x2.shape[1]), 1)
+    workspace, stream = _cuda_context(x2, workspace, stream, int(x2.shape[0]), int(x2.shape[1]),
+                                      int(dy2.shape[1]), max(r, 1), True, h is not None)
     _C.linear_backward(dx2, dpool_a, dpool_b, dy2, x2, pool_a, index_a, pool_b, index_b, scale,
                        h, workspace, stream)
     return dx, dpool_a, dpool_b
@@ -116,6 +122,20 @@ def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a
 def workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False) -> int:
     """Scratch bytes one linear call needs (CUDA callers must pass a workspace this large)."""
     return _C.linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward, with_h)
+
+
+def _cuda_context(x, workspace, stream, n_rows, d_in, d_out, r, backward, with_h):
+    """For CUDA torch tensors: a workspace from torch's allocator and torch's current stream."""
+    if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack_device__") or x.__dlpack_device__()[0] != 2:
+        return workspace, stream
+    import torch  # only reached with torch CUDA tensors
+
+    if workspace is None:
+        nbytes = workspace_bytes(n_rows, d_in, d_out, r, x.element_size(), backward, with_h)
+        workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
+    if stream is None:
+        stream = torch.cuda.current_stream(x.device).cuda_stream or 1
+    return workspace, stream
 
 
 def _shares_memory(view, base):
