@@ -41,6 +41,21 @@ def assemble_vs_copy(rows):
                  f"copy {nbytes / t_copy / 1e9:.0f} GB/s", f"{t_copy / t_gather:.2f} of copy bw"))
 
 
+class Block(torch.nn.Module):
+    """One projection per block, so the four `proj` layers share one MoS pool."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def stack(d):
+    return torch.nn.Sequential(*[Block(d) for _ in range(4)]).cuda().to(torch.bfloat16)
+
+
 def layer_vs_lora(rows, n_rows, rank):
     import peft
 
@@ -48,14 +63,11 @@ def layer_vs_lora(rows, n_rows, rank):
 
     d = 4096
     torch.manual_seed(0)
-    base = torch.nn.Sequential(*[torch.nn.Linear(d, d, bias=False) for _ in range(4)]).cuda().to(torch.bfloat16)
-    targets = [str(i) for i in range(4)]
-    lora = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=16, target_modules=targets,
-                                                     init_lora_weights=False))
-    base2 = torch.nn.Sequential(*[torch.nn.Linear(d, d, bias=False) for _ in range(4)]).cuda().to(torch.bfloat16)
+    lora = peft.get_peft_model(stack(d), peft.LoraConfig(r=rank, lora_alpha=16, target_modules=["proj"],
+                                                         init_lora_weights=False))
     moscfg = mos.MoSConfig(r=rank, equivalent_rank=max(rank // 8, 1), shards_per_vector=4, private_rank=1,
-                           target_modules=targets, layer_pattern=r"^(\d+)$")
-    mos_model = get_mos_model(base2, moscfg)
+                           target_modules=["proj"], layer_pattern=r"^(\d+)\.")
+    mos_model = get_mos_model(stack(d), moscfg)
     x = torch.randn(n_rows, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def step(model):

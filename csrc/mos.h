@@ -190,6 +190,64 @@ mos_status mos_linear_forward_full(const mos_linear_params *p);
  * (h read from p->h when set, else recomputed). */
 mos_status mos_linear_backward(const mos_linear_params *p);
 
+/* ---------------------------------------------------------------- serving (serving.c / cuda/serving.cu) */
+
+/* Many adapters of one module type and one layer in one call (serving):
+ *   for every row n with a = adapter_ids[n] >= 0:  y[n] += scales[a] * (x[n] A_a^T) B_a^T
+ * Layout: the K adapters' pools are concatenated into one A-pool and one B-pool of common shard
+ * granularity l (an adapter cut into l' | l shards per vector is re-expressed at granularity l by
+ * viewing its (N, d/l') pool as (N l/l', d/l) rows and splitting each index into l/l' indices).
+ * index_a / index_b are (K, max_rank * l) row-major, already offset into the concatenated pools;
+ * adapter a uses the first ranks[a] * l entries of its row (all max_rank * l when ranks is NULL).
+ * Strategies (same numbers, different cost):
+ *   per-row (grouped = 0): every row reads its adapter's shards directly (Punica BGMV; decode).
+ *   grouped (grouped = 1): rows are processed in groups of one adapter whose shards are gathered
+ *     once per group (Punica SGMV; prefill). Groups are the given segments (row offsets; every
+ *     row of a segment has the same id), else: on CPU all rows of each adapter (counting sort),
+ *     on CUDA the runs of equal consecutive ids, found on the device. */
+typedef struct {
+    mos_dtype dtype;
+    mos_device_kind device;
+    int device_id;             /* CUDA ordinal of every tensor of the call (0 on CPU) */
+    void *stream;              /* cudaStream_t for CUDA calls, ignored on CPU */
+    int64_t n_rows;            /* N: rows of x (may be 0) */
+    int64_t d_in, d_out;
+    int64_t n_adapters;        /* K (may be 0 when every id is -1) */
+    int64_t max_rank;          /* r_max: index tables hold max_rank * l entries per adapter */
+    int64_t shards_per_vector; /* l: common shard granularity of the concatenated pools */
+    int64_t n_shards_a;        /* rows of pool_a */
+    int64_t n_shards_b;        /* rows of pool_b */
+
+    const void *x;             /* (N, d_in), row stride x_stride */
+    int64_t x_stride;
+    const void *pool_a;        /* (n_shards_a, d_in / l) contiguous: every adapter's A-pool */
+    const void *pool_b;        /* (n_shards_b, d_out / l) contiguous: every adapter's B-pool */
+    const int32_t *index_a;    /* (K, max_rank * l) contiguous rows of pool_a */
+    const int32_t *index_b;    /* (K, max_rank * l) contiguous rows of pool_b */
+    const int32_t *ranks;      /* (K,) ranks in [0, max_rank], or NULL: all max_rank */
+    const void *scales;        /* (K,) contiguous, of scales_dtype: s_a per adapter */
+    mos_dtype scales_dtype;    /* MOS_F32 or MOS_F64 */
+    const int32_t *adapter_ids; /* (N,) in [-1, K); -1 = base only (row untouched) */
+
+    int grouped;               /* 0: per-row strategy, 1: grouped strategy */
+    const int32_t *segments;   /* (n_segments + 1,) row offsets 0 = s_0 <= ... = N, or NULL */
+    int64_t n_segments;
+
+    void *y;                   /* (N, d_out), row stride y_stride; accumulated */
+    int64_t y_stride;
+
+    void *workspace;           /* CUDA: >= mos_batched_workspace_bytes(), 256-byte aligned;
+                                  CPU: ignored (the CPU path allocates what the groups need) */
+    size_t workspace_bytes;
+} mos_batched_params;
+
+/* Device workspace bytes a CUDA batched call needs: h (N, max_rank) in the accumulation type,
+ * plus, when grouped, the segment and tile tables. */
+size_t mos_batched_workspace_bytes(const mos_batched_params *p);
+
+/* Checks the core's invariants and dispatches to the CPU or CUDA back end. */
+mos_status mos_batched_forward(const mos_batched_params *p);
+
 /* ---------------------------------------------------------------- CPU and CUDA back ends */
 
 /* CPU implementations (cpu.c); arguments already validated by the caller. */
@@ -198,12 +256,14 @@ mos_status mos_cpu_scatter_add(const mos_gather_params *p);
 mos_status mos_cpu_linear_forward(const mos_linear_params *p);
 mos_status mos_cpu_linear_forward_full(const mos_linear_params *p);
 mos_status mos_cpu_linear_backward(const mos_linear_params *p);
+mos_status mos_cpu_batched_forward(const mos_batched_params *p);
 
 /* CUDA implementations (the .cu files under cuda/), present when built with MOS_WITH_CUDA. */
 mos_status mos_cuda_assemble(const mos_gather_params *p);
 mos_status mos_cuda_scatter_add(const mos_gather_params *p);
 mos_status mos_cuda_linear_forward(const mos_linear_params *p);
 mos_status mos_cuda_linear_backward(const mos_linear_params *p);
+mos_status mos_cuda_batched_forward(const mos_batched_params *p);
 
 /* 1 when the CUDA back end was compiled in. */
 int mos_cuda_built(void);

@@ -60,6 +60,7 @@ NO_CUDA(mos_cuda_assemble, mos_gather_params)
 NO_CUDA(mos_cuda_scatter_add, mos_gather_params)
 NO_CUDA(mos_cuda_linear_forward, mos_linear_params)
 NO_CUDA(mos_cuda_linear_backward, mos_linear_params)
+NO_CUDA(mos_cuda_batched_forward, mos_batched_params)
 int mos_cuda_built(void) { return 0; }
 #endif
 
