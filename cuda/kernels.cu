@@ -337,7 +337,9 @@ static mos_status to_int(int64_t v, const char *name, int *out) {
  * stride itself, which must be >= cols so rows do not overlap (a single row may have any stride). */
 static mos_status leading_dim(int64_t stride, int64_t cols, int64_t rows, const char *name,
                               int *ld) {
-    if (rows <= 1 && stride < cols) stride = cols;
+    /* A single row's stride is never read, so replace it outright: keeping a large one (only
+     * values below cols were replaced before) failed to_int below past INT_MAX for no reason. */
+    if (rows <= 1) stride = cols;
     MOS_CHECK(stride >= cols, MOS_ERR_BUFFER,
               "%s has row stride %lld below its %lld columns; the CUDA path needs rows that do "
               "not overlap", name, (long long)stride, (long long)cols);
