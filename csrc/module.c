@@ -447,6 +447,279 @@ static PyObject *scatter_add(PyObject *m, PyObject *const *a, Py_ssize_t n, PyOb
     return gather_op(a, n, k, 1);
 }
 
+/* ---------------------------------------------------------------- batched_forward (serving) */
+
+enum { B_Y, B_X, B_POOL_A, B_INDEX_A, B_POOL_B, B_INDEX_B, B_SCALES, B_IDS, B_RANKS, B_SEGMENTS,
+       B_WORKSPACE, B_COUNT };
+
+static void release_views(mos_view *v, int n) {
+    for (int i = 0; i < n; ++i) mos_view_release(&v[i]);
+}
+
+/* int32, contiguous, on x's device, of the given 1-D length (or 2-D shape when cols >= 0). */
+static int check_int_table(const mos_view *v, const mos_view *x, int64_t rows, int64_t cols,
+                           const char *meaning) {
+    if (mos_require_index(v) < 0 || mos_require_same_device(v, x) < 0) return -1;
+    if (mos_require_dim(v, 0, rows, meaning) < 0) return -1;
+    return cols >= 0 ? mos_require_dim(v, 1, cols, meaning) : 0;
+}
+
+/* CPU tables only: every entry of the (flattened) int32 view in [lo, hi). */
+static int check_int_range(const mos_view *v, int64_t lo, int64_t hi, const char *what) {
+    if (v->device != MOS_DEVICE_CPU || !v->data) return 0;
+    const int32_t *t = v->data;
+    const int64_t cols = v->ndim == 2 ? v->shape[1] : 1, n = v->shape[0] * cols;
+    for (int64_t i = 0; i < n; ++i) {
+        if (t[i] < lo || t[i] >= hi) {
+            if (v->ndim == 2)
+                PyErr_Format(PyExc_ValueError, "%s[%lld, %lld] = %d is out of range [%lld, %lld)%s",
+                             v->name, (long long)(i / cols), (long long)(i % cols), (int)t[i],
+                             (long long)lo, (long long)hi, what);
+            else
+                PyErr_Format(PyExc_ValueError, "%s[%lld] = %d is out of range [%lld, %lld)%s",
+                             v->name, (long long)i, (int)t[i], (long long)lo, (long long)hi, what);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* CPU segments: 0 = s_0 <= s_1 <= ... <= s_S = N, and one adapter id per segment. */
+static int check_segments(const mos_view *seg, const mos_view *ids, int64_t n_rows) {
+    if (seg->device != MOS_DEVICE_CPU) return 0;
+    const int32_t *s = seg->data, *id = ids->data;
+    const int64_t n = seg->shape[0];
+    if (n < 1 || s[0] != 0 || s[n - 1] != n_rows) {
+        PyErr_Format(PyExc_ValueError, "segments: must start at 0 and end at the row count %lld "
+                     "(got %lld entries, first %d, last %d)", (long long)n_rows, (long long)n,
+                     n ? (int)s[0] : 0, n ? (int)s[n - 1] : 0);
+        return -1;
+    }
+    for (int64_t i = 0; i + 1 < n; ++i) {
+        if (s[i + 1] < s[i]) {
+            PyErr_Format(PyExc_ValueError, "segments[%lld] = %d is below segments[%lld] = %d; "
+                         "offsets must not decrease", (long long)(i + 1), (int)s[i + 1],
+                         (long long)i, (int)s[i]);
+            return -1;
+        }
+    }
+    for (int64_t i = 0; i + 1 < n; ++i) {
+        for (int64_t row = s[i] + 1; row < s[i + 1]; ++row) {
+            if (id[row] != id[s[i]]) {
+                PyErr_Format(PyExc_ValueError, "segments: segment %lld mixes adapters (row %lld "
+                             "has id %d, row %d has id %d); every row of a segment must have one "
+                             "adapter id", (long long)i, (long long)row, (int)id[row], (int)s[i],
+                             (int)id[s[i]]);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static PyObject *batched_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames) {
+    static const char *const names[] = {"y", "x", "pool_a", "index_a", "pool_b", "index_b",
+                                        "scales", "adapter_ids", "ranks", "grouped", "segments",
+                                        "workspace", "stream"};
+    enum { O_RANKS = 8, O_GROUPED = 9, O_SEGMENTS = 10, O_WORKSPACE = 11, O_STREAM = 12 };
+    PyObject *o[13];
+    mos_view v[B_COUNT];
+    memset(v, 0, sizeof v);
+    mos_batched_params p;
+    memset(&p, 0, sizeof p);
+    void *stream;
+    int grouped = 0;
+    mos_status status;
+    if (parse_args("batched_forward", args, nargs, kwnames, names, 13, 8, o) < 0) return NULL;
+    if (parse_stream(o[O_STREAM], &stream) < 0) return NULL;
+    if (o[O_GROUPED] && (grouped = PyObject_IsTrue(o[O_GROUPED])) < 0) return NULL;
+    PyObject *st = o[O_STREAM];
+    if (mos_view_import(o[1], "x", 2, &v[B_X], st) < 0 ||
+        mos_view_import(o[0], "y", 2, &v[B_Y], st) < 0 ||
+        mos_view_import(o[2], "pool_a", 2, &v[B_POOL_A], st) < 0 ||
+        mos_view_import(o[3], "index_a", 2, &v[B_INDEX_A], st) < 0 ||
+        mos_view_import(o[4], "pool_b", 2, &v[B_POOL_B], st) < 0 ||
+        mos_view_import(o[5], "index_b", 2, &v[B_INDEX_B], st) < 0 ||
+        mos_view_import(o[6], "scales", 1, &v[B_SCALES], st) < 0 ||
+        mos_view_import(o[7], "adapter_ids", 1, &v[B_IDS], st) < 0 ||
+        mos_import_optional(o[O_RANKS], "ranks", 1, &v[B_RANKS], st) < 0 ||
+        mos_import_optional(o[O_SEGMENTS], "segments", 1, &v[B_SEGMENTS], st) < 0 ||
+        mos_import_optional(o[O_WORKSPACE], "workspace", 1, &v[B_WORKSPACE], st) < 0)
+        goto fail;
+    mos_view *x = &v[B_X], *y = &v[B_Y], *pa = &v[B_POOL_A], *pb = &v[B_POOL_B];
+    mos_view *ia = &v[B_INDEX_A], *ib = &v[B_INDEX_B], *sc = &v[B_SCALES], *ids = &v[B_IDS];
+    mos_view *ranks = &v[B_RANKS], *seg = &v[B_SEGMENTS], *ws = &v[B_WORKSPACE];
+    if (x->kind != MOS_KIND_FLOAT) {
+        PyErr_SetString(PyExc_TypeError, "x: expected a floating-point tensor, got int32");
+        goto fail;
+    }
+    if (y->kind != MOS_KIND_FLOAT) {
+        PyErr_SetString(PyExc_TypeError, "y: expected a floating-point tensor, got int32");
+        goto fail;
+    }
+    if (mos_require_rows(x) < 0 || mos_require_blas_sizes(x) < 0) goto fail;
+    const int64_t n_rows = x->shape[0], d_in = x->shape[1], d_out = y->shape[1];
+    if (check_matrix(y, x, n_rows, d_out, 1) < 0) goto fail;
+    /* Pools: x's dtype and device, contiguous; the A-pool's shard length fixes l. */
+    if (mos_require_dtype(pa, x->dtype, "x") < 0 || mos_require_dtype(pb, x->dtype, "x") < 0 ||
+        mos_require_contiguous(pa) < 0 || mos_require_contiguous(pb) < 0 ||
+        mos_require_same_device(pa, x) < 0 || mos_require_same_device(pb, x) < 0 ||
+        mos_require_blas_sizes(pa) < 0 || mos_require_blas_sizes(pb) < 0)
+        goto fail;
+    const int64_t sla = pa->shape[1];
+    if (sla < 1 || d_in % sla != 0) {
+        PyErr_Format(PyExc_ValueError, "pool_a: shard length %lld must divide x's d_in = %lld",
+                     (long long)sla, (long long)d_in);
+        goto fail;
+    }
+    const int64_t l = d_in / sla;
+    if (d_out % l != 0) {
+        PyErr_Format(PyExc_ValueError, "y: d_out = %lld is not a multiple of shards_per_vector = "
+                     "%lld (= d_in / pool_a's shard length)", (long long)d_out, (long long)l);
+        goto fail;
+    }
+    if (mos_require_dim(pb, 1, d_out / l, "pool_b shard length = d_out / shards_per_vector") < 0)
+        goto fail;
+    /* Index tables (K, max_rank * l). */
+    if (mos_require_index(ia) < 0 || mos_require_same_device(ia, x) < 0) goto fail;
+    const int64_t n_adapters = ia->shape[0], width = ia->shape[1];
+    if (width < 1 || width % l != 0) {
+        PyErr_Format(PyExc_ValueError, "index_a: row length %lld must be a positive multiple of "
+                     "shards_per_vector = %lld (max_rank * l)", (long long)width, (long long)l);
+        goto fail;
+    }
+    if (check_int_table(ib, x, n_adapters, width, "index_b must have index_a's shape (K, max_rank * l)") < 0 ||
+        check_int_range(ia, 0, pa->shape[0], " (rows of pool_a)") < 0 ||
+        check_int_range(ib, 0, pb->shape[0], " (rows of pool_b)") < 0)
+        goto fail;
+    const int64_t max_rank = width / l;
+    /* Per-adapter scales and ranks; per-row ids. */
+    if (sc->kind != MOS_KIND_FLOAT || (sc->dtype != MOS_F32 && sc->dtype != MOS_F64)) {
+        PyErr_Format(PyExc_TypeError, "scales: expected float32 or float64, got %s",
+                     sc->kind == MOS_KIND_FLOAT ? mos_dtype_name(sc->dtype) : "int32");
+        goto fail;
+    }
+    if (mos_require_contiguous(sc) < 0 || mos_require_same_device(sc, x) < 0 ||
+        mos_require_dim(sc, 0, n_adapters, "one scale per adapter (rows of index_a)") < 0)
+        goto fail;
+    if (sc->device == MOS_DEVICE_CPU) {
+        for (int64_t a = 0; a < n_adapters; ++a) {
+            const double s = sc->dtype == MOS_F64 ? ((const double *)sc->data)[a]
+                                                  : (double)((const float *)sc->data)[a];
+            if (!isfinite(s)) {
+                char text[32];
+                snprintf(text, sizeof text, "%g", s);
+                PyErr_Format(PyExc_ValueError, "scales[%lld] = %s must be finite", (long long)a, text);
+                goto fail;
+            }
+        }
+    }
+    if (check_int_table(ids, x, n_rows, -1, "one adapter id per row of x") < 0 ||
+        check_int_range(ids, -1, n_adapters, " (-1 = base only, else a row of index_a)") < 0)
+        goto fail;
+    if (ranks->owner &&
+        (check_int_table(ranks, x, n_adapters, -1, "one rank per adapter (rows of index_a)") < 0 ||
+         check_int_range(ranks, 0, max_rank + 1, " (0 .. max_rank = index_a's row length / l)") < 0))
+        goto fail;
+    if (seg->owner) {
+        if (!grouped) {
+            PyErr_SetString(PyExc_ValueError,
+                            "segments: only the grouped strategy uses segments; pass grouped=True");
+            goto fail;
+        }
+        if (mos_require_index(seg) < 0 || mos_require_same_device(seg, x) < 0) goto fail;
+        if (seg->shape[0] < 1) {
+            PyErr_SetString(PyExc_ValueError, "segments: needs at least one entry (0 and N)");
+            goto fail;
+        }
+        if (check_segments(seg, ids, n_rows) < 0) goto fail;
+    }
+    p.dtype = x->dtype;
+    p.device = x->device;
+    p.device_id = x->device_id;
+    p.stream = stream;
+    p.n_rows = n_rows;
+    p.d_in = d_in;
+    p.d_out = d_out;
+    p.n_adapters = n_adapters;
+    p.max_rank = max_rank;
+    p.shards_per_vector = l;
+    p.n_shards_a = pa->shape[0];
+    p.n_shards_b = pb->shape[0];
+    p.x = x->data;
+    p.x_stride = x->strides[0];
+    p.pool_a = pa->data;
+    p.pool_b = pb->data;
+    p.index_a = ia->data;
+    p.index_b = ib->data;
+    p.ranks = ranks->owner ? ranks->data : NULL;
+    p.scales = sc->data;
+    p.scales_dtype = sc->dtype;
+    p.adapter_ids = ids->data;
+    p.grouped = grouped;
+    p.segments = seg->owner ? seg->data : NULL;
+    p.n_segments = seg->owner ? seg->shape[0] - 1 : 0;
+    p.y = y->data;
+    p.y_stride = y->strides[0];
+    if (ws->owner) {
+        if (mos_require_same_device(ws, x) < 0 || mos_require_contiguous(ws) < 0 ||
+            mos_require_writable(ws) < 0)
+            goto fail;
+        const size_t need = mos_batched_workspace_bytes(&p);
+        const size_t have = (size_t)ws->shape[0] * ws->itemsize;
+        if (have < need) {
+            PyErr_Format(PyExc_ValueError, "workspace: holds %zu bytes, the call needs %zu "
+                         "(batched_workspace_bytes)", have, need);
+            goto fail;
+        }
+        if (((uintptr_t)ws->data) % 256 != 0) {
+            PyErr_SetString(PyExc_ValueError, "workspace: must be 256-byte aligned");
+            goto fail;
+        }
+        p.workspace = ws->data;
+        p.workspace_bytes = have;
+    } else if (x->device == MOS_DEVICE_CUDA) {
+        PyErr_SetString(PyExc_ValueError, "workspace: CUDA calls need a caller-allocated "
+                        "workspace (see batched_workspace_bytes)");
+        goto fail;
+    }
+    {
+        mos_view *outs[] = {y, ws};
+        mos_view *all[] = {x, pa, ia, pb, ib, sc, ids, ranks, seg, y, ws};
+        if (mos_require_no_overlap(outs, 2, all, 11) < 0) goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = mos_batched_forward(&p);
+    Py_END_ALLOW_THREADS
+    release_views(v, B_COUNT);
+    if (status != MOS_OK) return mos_raise_status(status, "batched_forward");
+    Py_RETURN_NONE;
+fail:
+    release_views(v, B_COUNT);
+    return NULL;
+}
+
+static PyObject *batched_workspace_bytes(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"n_rows", "max_rank", "itemsize", "grouped", "n_segments", NULL};
+    long long n, r, n_segments = -1;
+    int itemsize, grouped = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLi|pL:batched_workspace_bytes", kwlist, &n,
+                                     &r, &itemsize, &grouped, &n_segments))
+        return NULL;
+    if (n < 0 || r < 1) {
+        PyErr_Format(PyExc_ValueError, "batched_workspace_bytes: n_rows must be >= 0 and "
+                     "max_rank >= 1, got %lld and %lld", n, r);
+        return NULL;
+    }
+    static const int32_t dummy = 0;
+    mos_batched_params p = {.dtype = itemsize == 8 ? MOS_F64 : MOS_F32, .n_rows = n,
+                            .max_rank = r, .grouped = grouped,
+                            .segments = n_segments >= 0 ? &dummy : NULL,
+                            .n_segments = n_segments >= 0 ? n_segments : 0};
+    return PyLong_FromSize_t(mos_batched_workspace_bytes(&p));
+}
+
 /* ---------------------------------------------------------------- pools and routes */
 
 static int parse_shape(PyObject *args, PyObject *kwargs, const char *format, char **kwlist,
@@ -569,6 +842,15 @@ static PyMethodDef methods[] = {
     {"linear_backward", (PyCFunction)(void (*)(void))linear_backward, FASTCALL,
      "linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a, index_a, pool_b, index_b, scale, "
      "h=None, workspace=None, stream=None)\n--\n\nAccumulates dx and scatter-adds pool gradients."},
+    {"batched_forward", (PyCFunction)(void (*)(void))batched_forward, FASTCALL,
+     "batched_forward(y, x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ranks=None, "
+     "grouped=False, segments=None, workspace=None, stream=None)\n--\n\n"
+     "y[n] += scales[a] * (x[n] A_a^T) B_a^T with a = adapter_ids[n] (-1: row untouched); "
+     "index_a/index_b are (K, max_rank * l) rows of the concatenated pools."},
+    {"batched_workspace_bytes", (PyCFunction)(void (*)(void))batched_workspace_bytes,
+     METH_VARARGS | METH_KEYWORDS,
+     "batched_workspace_bytes(n_rows, max_rank, itemsize, grouped=False, n_segments=-1)\n--\n\n"
+     "Device workspace bytes a CUDA batched_forward call needs."},
     {"assemble", (PyCFunction)(void (*)(void))assemble, FASTCALL,
      "assemble(rows, pool, index, stream=None)\n--\n\nrows[i] = pool[index[i]]."},
     {"scatter_add", (PyCFunction)(void (*)(void))scatter_add, FASTCALL,

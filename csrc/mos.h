@@ -245,6 +245,17 @@ typedef struct {
  * plus, when grouped, the segment and tile tables. */
 size_t mos_batched_workspace_bytes(const mos_batched_params *p);
 
+/* The CUDA batched workspace cut into its segments. */
+typedef struct {
+    void *h;                /* (N, max_rank) float32 (float64 for float64): x A_a^T per row */
+    int32_t *tables;        /* grouped only, else NULL: [n_groups, group_start (max_groups + 1),
+                               tile_start (max_groups + 1)] */
+    int64_t max_groups;     /* n_segments when segments are given, else N */
+} mos_batched_workspace;
+
+/* Cuts p->workspace into the segments of mos_batched_workspace_bytes(). */
+mos_status mos_batched_workspace_carve(mos_batched_workspace *w, const mos_batched_params *p);
+
 /* Checks the core's invariants and dispatches to the CPU or CUDA back end. */
 mos_status mos_batched_forward(const mos_batched_params *p);
 

@@ -9,7 +9,8 @@ import numpy as np
 
 from . import _C
 
-__all__ = ["assemble", "forward", "backward", "scatter_add", "workspace_bytes"]
+__all__ = ["assemble", "forward", "backward", "scatter_add", "workspace_bytes", "batched_forward",
+           "batched_workspace_bytes", "segments_of"]
 
 
 def _zeros_like_lib(ref, shape, dtype=None):
@@ -122,6 +123,116 @@ def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a
 def workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False) -> int:
     """Scratch bytes one linear call needs (CUDA callers must pass a workspace this large)."""
     return _C.linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward, with_h)
+
+
+def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, out=None, *,
+                    ranks=None, strategy="auto", segments=None, workspace=None, stream=None):
+    """Many adapters in one call: out[n] += scales[a] * (x[n] A_a^T) B_a^T with a = adapter_ids[n].
+
+    Rows with id -1 are left as they are (a fresh `out` is zero there). The K adapters' pools are
+    concatenated into `pool_a` / `pool_b` and `index_a` / `index_b` are (K, max_rank * l) rows of
+    those concatenated pools (adapter a uses the first ranks[a] * l entries; all without `ranks`);
+    `scales` is (K,) float32 or float64; `adapter_ids` has one int32 id per row of x (leading
+    dimensions flattened). `strategy`: "per_row" (every row reads its adapter's shards), "grouped"
+    (rows of one adapter share one assembly; `segments` gives the groups as row offsets, else they
+    are found from the ids) or "auto" (grouped when `segments` is given or, on CPU, when groups
+    average more than 4 rows)."""
+    if strategy not in ("auto", "per_row", "grouped"):
+        raise ValueError(f"strategy must be 'auto', 'per_row' or 'grouped', got {strategy!r}")
+    x2 = _rows(x, "x")
+    lead = tuple(x.shape[:-1])
+    n_rows, d_in = int(x2.shape[0]), int(x2.shape[1])
+    if out is not None:
+        d_out = int(out.shape[-1])
+    else:
+        d_out = int(pool_b.shape[1]) * (d_in // max(int(pool_a.shape[1]), 1))
+    y = _zeros_like_lib(x, lead + (d_out,)) if out is None else out
+    if tuple(y.shape[:-1]) != lead:
+        raise ValueError(f"out: leading shape {tuple(y.shape[:-1])} does not match x's {lead}")
+    y2 = y.reshape(-1, d_out) if len(y.shape) != 2 else y
+    if not _shares_memory(y2, y):
+        raise ValueError("out: cannot be viewed as (rows, d_out) without a copy; pass a contiguous out")
+    adapter_ids = _int32_like(adapter_ids, x, "adapter_ids")
+    if len(adapter_ids.shape) != 1:
+        adapter_ids = adapter_ids.reshape(-1)
+    if ranks is not None:
+        ranks = _int32_like(ranks, x, "ranks")
+    if segments is not None:
+        segments = _int32_like(segments, x, "segments")
+    if isinstance(scales, (list, tuple)):
+        scales = _float_like(scales, x)
+    grouped = strategy == "grouped" or (strategy == "auto" and _auto_grouped(x2, adapter_ids, segments))
+    if workspace is None and _is_cuda(x2):
+        import torch  # only reached with torch CUDA tensors
+
+        width = int(index_a.shape[1]) if len(index_a.shape) == 2 else 1
+        max_rank = max(width * int(pool_a.shape[1]) // max(d_in, 1), 1)
+        n_segments = -1 if segments is None else int(segments.shape[0]) - 1
+        nbytes = batched_workspace_bytes(n_rows, max_rank, x2.element_size(), grouped, n_segments)
+        workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x2.device)
+    if stream is None and _is_cuda(x2):
+        import torch
+
+        stream = torch.cuda.current_stream(x2.device).cuda_stream or 1
+    _C.batched_forward(y2, x2, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ranks,
+                       grouped, segments if grouped else None, workspace, stream)
+    return y
+
+
+def batched_workspace_bytes(n_rows, max_rank, itemsize, grouped=False, n_segments=-1) -> int:
+    """Device scratch bytes one CUDA batched_forward call needs (n_segments=-1: no segments given)."""
+    return _C.batched_workspace_bytes(n_rows, max_rank, itemsize, grouped, n_segments)
+
+
+def segments_of(adapter_ids):
+    """Row offsets of the runs of equal consecutive ids: [0, s_1, ..., N] (int32 NumPy)."""
+    ids = np.asarray(adapter_ids).reshape(-1)
+    if ids.size == 0:
+        return np.zeros(1, dtype=np.int32)
+    starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+    return np.concatenate((starts, [ids.size])).astype(np.int32)
+
+
+def _auto_grouped(x, adapter_ids, segments):
+    if segments is not None:
+        return True
+    if _is_cuda(x):
+        return False
+    ids = np.asarray(adapter_ids if isinstance(adapter_ids, np.ndarray) else adapter_ids.cpu())
+    active = ids[ids >= 0]
+    return active.size > 4 * max(len(np.unique(active)), 1)
+
+
+def _is_cuda(a):
+    return not isinstance(a, np.ndarray) and hasattr(a, "__dlpack_device__") \
+        and a.__dlpack_device__()[0] == 2
+
+
+def _int32_like(values, ref, name):
+    """values as an int32 array of ref's library and device (lists and NumPy arrays converted)."""
+    if isinstance(ref, np.ndarray) or not hasattr(ref, "new_tensor"):
+        arr = np.asarray(values)
+        if arr.dtype != np.int32:
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(f"{name}: expected integers, got {arr.dtype}")
+            arr = arr.astype(np.int32)
+        return np.ascontiguousarray(arr)
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        if values.dtype != torch.int32 and not values.dtype.is_floating_point:
+            values = values.to(torch.int32)
+        return values.to(ref.device).contiguous()
+    return torch.as_tensor(np.asarray(values, dtype=np.int32), device=ref.device)
+
+
+def _float_like(values, ref):
+    if isinstance(ref, np.ndarray) or not hasattr(ref, "new_tensor"):
+        return np.asarray(values, dtype=np.float64)
+    import torch
+
+    return torch.as_tensor(values, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32,
+                           device=ref.device)
 
 
 def _cuda_context(x, workspace, stream, n_rows, d_in, d_out, r, backward, with_h):

@@ -1,0 +1,375 @@
+"""Many adapters in one call (batched_forward): every row equals its adapter run alone."""
+import numpy as np
+import pytest
+
+import mos
+from mos import _C, functional as F
+
+import reference as ref
+from conftest import to_device, to_numpy
+
+D_IN, D_OUT, N_LAYERS = 16, 24, 3
+TOL = {np.float64: 1e-12, np.float32: 1e-5}
+MIXES = ["distinct", "uniform", "skewed", "identical"]
+
+
+class Adapters:
+    """K adapters of one module type, each with its own pools and index tables (layer `layer`),
+    plus the concatenated layout batched_forward takes."""
+
+    def __init__(self, k, dtype=np.float32, ranks=None, seed=0, l=2):
+        rng = np.random.default_rng(seed)
+        self.k, self.dtype, self.l = k, dtype, l
+        self.own = []  # (pool_a, pool_b, index_a, index_b, scale, r) per adapter
+        for a in range(k):
+            r = 4 if ranks is None else int(ranks[a])
+            config = mos.MoSConfig(r=r, equivalent_rank=3, shards_per_vector=l,
+                                   private_rank=min(1, r), seed=seed * 7919 + a)
+            pool = mos.ShardPool("q_proj", D_IN, D_OUT, N_LAYERS, config)
+            ia, ib = pool.indices(a % N_LAYERS)
+            pa = rng.standard_normal(pool.pool_a_shape).astype(dtype)
+            pb = rng.standard_normal(pool.pool_b_shape).astype(dtype)
+            self.own.append((pa, pb, ia.copy(), ib.copy(), float(rng.uniform(0.25, 2.0)), r))
+        rows_a = [o[0].shape[0] for o in self.own]
+        off_a = np.concatenate(([0], np.cumsum(rows_a)))
+        off_b = np.concatenate(([0], np.cumsum([o[1].shape[0] for o in self.own])))
+        self.max_rank = max([o[5] for o in self.own], default=1)
+        width = self.max_rank * l
+        self.pool_a = np.concatenate([o[0] for o in self.own]) if k else np.zeros((1, D_IN // l), dtype)
+        self.pool_b = np.concatenate([o[1] for o in self.own]) if k else np.zeros((1, D_OUT // l), dtype)
+        self.index_a = np.zeros((k, width), np.int32)
+        self.index_b = np.zeros((k, width), np.int32)
+        for a, (_, _, ia, ib, _, r) in enumerate(self.own):
+            self.index_a[a, :r * l] = ia + off_a[a]
+            self.index_b[a, :r * l] = ib + off_b[a]
+        self.scales = np.array([o[4] for o in self.own], np.float64)
+        self.ranks = np.array([o[5] for o in self.own], np.int32)
+
+    def args(self, device="cpu"):
+        put = lambda a: to_device(a, device)  # noqa: E731
+        return dict(pool_a=put(self.pool_a), index_a=put(self.index_a), pool_b=put(self.pool_b),
+                    index_b=put(self.index_b), scales=put(self.scales))
+
+    def expected(self, x, y0, ids):
+        """y0 plus, row by row, the row's adapter run alone through mos.functional.forward."""
+        want = np.array(y0, dtype=np.float64)
+        for a in np.unique(ids[ids >= 0]):
+            rows = np.flatnonzero(ids == a)
+            pa, pb, ia, ib, s, _ = self.own[a]
+            want[rows] += F.forward(np.ascontiguousarray(x[rows]), pa, ia, pb, ib, s)
+        return want
+
+    def bound(self, x, y0, ids):
+        """The float64 reference on absolute values: bounds each entry's rounding error."""
+        bound = np.abs(np.array(y0, dtype=np.float64))
+        for a in np.unique(ids[ids >= 0]):
+            rows = np.flatnonzero(ids == a)
+            pa, pb, ia, ib, s, r = self.own[a]
+            bound[rows] += ref.forward(np.abs(x[rows]), np.abs(pa), ia, np.abs(pb), ib, abs(s), r)
+        return bound
+
+
+def adapter_ids(mix, k, n, rng, base_fraction=0.1):
+    if mix == "distinct":
+        ids = np.arange(n) % k
+    elif mix == "uniform":
+        ids = rng.integers(0, k, n)
+    elif mix == "skewed":  # Zipf-like popularity, as in Punica's skewed workload
+        p = 1.0 / np.arange(1, k + 1) ** 1.5
+        ids = rng.choice(k, size=n, p=p / p.sum())
+    else:
+        ids = np.full(n, rng.integers(0, k))
+    ids = ids.astype(np.int32)
+    ids[rng.random(n) < base_fraction] = -1
+    return ids
+
+
+def assert_rows_close(got, want, bound, tol, what):
+    got = np.asarray(got, dtype=np.float64)
+    err = np.abs(got - want)
+    limit = tol * (bound + 1e-30)
+    assert got.shape == want.shape, what
+    assert np.all(err <= limit), (f"{what}: max error {err.max(initial=0):.3g}, "
+                                  f"allowed {limit.max(initial=0):.3g}")
+
+
+def run(device, adapters, x, y0, ids, strategy, segments=None, ranks=None):
+    y = to_device(y0.copy(), device)
+    F.batched_forward(to_device(x, device), **adapters.args(device),
+                      adapter_ids=to_device(ids, device), out=y, strategy=strategy,
+                      segments=None if segments is None else to_device(segments, device),
+                      ranks=None if ranks is None else to_device(ranks, device))
+    return to_numpy(y)
+
+
+def n_rows_for(k, mix):
+    return k if mix == "distinct" and k > 16 else 48
+
+
+@pytest.mark.parametrize("k", [1, 2, 64, 1000])
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("strategy", ["per_row", "grouped", "grouped_segments"])
+def test_rows_equal_each_adapter_alone(device, k, mix, strategy):
+    rng = np.random.default_rng(k * 31 + MIXES.index(mix))
+    adapters = Adapters(k, seed=k)
+    n = n_rows_for(k, mix)
+    ids = adapter_ids(mix, k, n, rng)
+    segments = None
+    if strategy == "grouped_segments":  # rows sorted by adapter, one segment per run
+        ids = np.sort(ids)
+        segments = F.segments_of(ids)
+    x = rng.standard_normal((n, D_IN)).astype(np.float32)
+    y0 = rng.standard_normal((n, D_OUT)).astype(np.float32)
+    got = run(device, adapters, x, y0, ids, "per_row" if strategy == "per_row" else "grouped",
+              segments)
+    assert_rows_close(got, adapters.expected(x, y0, ids), adapters.bound(x, y0, ids), 1e-5, "y")
+    base = ids < 0
+    assert np.array_equal(got[base], y0[base]), "rows with id -1 must be left untouched"
+
+
+@pytest.mark.parametrize("strategy", ["per_row", "grouped"])
+def test_float64_matches_reference(strategy):
+    rng = np.random.default_rng(5)
+    adapters = Adapters(7, dtype=np.float64, seed=3)
+    ids = adapter_ids("uniform", 7, 90, rng)
+    x = rng.standard_normal((90, D_IN))
+    y0 = rng.standard_normal((90, D_OUT))
+    got = run("cpu", adapters, x, y0, ids, strategy)
+    want = np.array(y0)
+    for n in np.flatnonzero(ids >= 0):
+        pa, pb, ia, ib, s, r = adapters.own[ids[n]]
+        want[n] += ref.forward(x[n:n + 1], pa, ia, pb, ib, s, r)[0]
+    assert_rows_close(got, want, adapters.bound(x, y0, ids), TOL[np.float64], "y")
+
+
+@pytest.mark.parametrize("strategy", ["per_row", "grouped"])
+def test_adapters_of_different_rank(device, strategy):
+    """A max-rank layout: each adapter reads the first ranks[a] * l entries of its table row."""
+    rng = np.random.default_rng(11)
+    ranks = [1, 4, 2, 6, 3, 6, 2]
+    adapters = Adapters(len(ranks), ranks=ranks, seed=9)
+    ids = adapter_ids("uniform", len(ranks), 64, rng)
+    x = rng.standard_normal((64, D_IN)).astype(np.float32)
+    y0 = np.zeros((64, D_OUT), np.float32)
+    got = run(device, adapters, x, y0, ids, strategy, ranks=adapters.ranks)
+    assert_rows_close(got, adapters.expected(x, y0, ids), adapters.bound(x, y0, ids), 1e-5, "y")
+    # Rank 0 switches an adapter off in this call (e.g. a layer it does not target).
+    off = adapters.ranks.copy()
+    off[ids[ids >= 0][0]] = 0
+    got = run(device, adapters, x, y0, ids, strategy, ranks=off)
+    rows = ids == ids[ids >= 0][0]
+    assert np.all(got[rows] == 0)
+
+
+@pytest.mark.parametrize("strategy", ["per_row", "grouped"])
+def test_strided_rows_and_3d_input(device, strategy):
+    rng = np.random.default_rng(2)
+    adapters = Adapters(5, seed=4)
+    ids = adapter_ids("uniform", 5, 30, rng)
+    wide = rng.standard_normal((30, D_IN + 5)).astype(np.float32)
+    x = wide[:, 2:D_IN + 2]                      # row stride D_IN + 5
+    y_big = np.zeros((30, D_OUT + 8), np.float32)
+    y = y_big[:, 4:D_OUT + 4]                    # row stride D_OUT + 8
+    if device == "cpu":
+        F.batched_forward(x, **adapters.args(), adapter_ids=ids, out=y, strategy=strategy)
+        got = y
+    else:
+        got = run(device, adapters, np.ascontiguousarray(x), np.zeros((30, D_OUT), np.float32), ids,
+                  strategy)
+    want = adapters.expected(x, np.zeros((30, D_OUT)), ids)
+    assert_rows_close(got, want, adapters.bound(x, np.zeros((30, D_OUT)), ids), 1e-5, "y")
+    if device == "cpu":
+        assert np.all(y_big[:, :4] == 0) and np.all(y_big[:, D_OUT + 4:] == 0)
+    # Leading dimensions are flattened: (2, 15, d_in) with 30 ids.
+    y3 = F.batched_forward(np.ascontiguousarray(x).reshape(2, 15, D_IN), **adapters.args(),
+                           adapter_ids=ids, strategy=strategy)
+    assert y3.shape == (2, 15, D_OUT)
+    assert_rows_close(y3.reshape(30, D_OUT), want, adapters.bound(x, np.zeros((30, D_OUT)), ids),
+                      1e-5, "y3")
+
+
+def test_strategies_agree_and_auto_picks_one():
+    rng = np.random.default_rng(8)
+    adapters = Adapters(6, seed=6)
+    ids = np.repeat(np.arange(6, dtype=np.int32), 20)  # long runs: auto goes grouped
+    rng.shuffle(ids[:60])                                 # and some interleaving
+    x = rng.standard_normal((120, D_IN)).astype(np.float32)
+    outs = [F.batched_forward(x, **adapters.args(), adapter_ids=ids, strategy=s)
+            for s in ("per_row", "grouped", "auto")]
+    want = adapters.expected(x, np.zeros((120, D_OUT)), ids)
+    bound = adapters.bound(x, np.zeros((120, D_OUT)), ids)
+    for got in outs:
+        assert_rows_close(got, want, bound, 1e-5, "y")
+
+
+def test_empty_batches_and_all_base_rows():
+    adapters = Adapters(3)
+    x = np.zeros((0, D_IN), np.float32)
+    assert F.batched_forward(x, **adapters.args(), adapter_ids=np.zeros(0, np.int32)).shape == (0, D_OUT)
+    x = np.ones((4, D_IN), np.float32)
+    y = np.full((4, D_OUT), 3.0, np.float32)
+    for strategy in ("per_row", "grouped"):
+        F.batched_forward(x, **adapters.args(), adapter_ids=np.full(4, -1, np.int32), out=y,
+                          strategy=strategy)
+    assert np.all(y == 3.0)
+    # No adapters at all: only -1 is a valid id.
+    none = Adapters(0)
+    F.batched_forward(x, **none.args(), adapter_ids=np.full(4, -1, np.int32), out=y)
+    assert np.all(y == 3.0)
+
+
+def test_torch_cpu_tensors_and_float32_scales():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    adapters = Adapters(4, seed=2)
+    ids = adapter_ids("uniform", 4, 20, rng)
+    x = rng.standard_normal((20, D_IN)).astype(np.float32)
+    args = {k: torch.from_numpy(v) for k, v in adapters.args().items()}
+    args["scales"] = args["scales"].float()
+    y = F.batched_forward(torch.from_numpy(x), **args, adapter_ids=torch.from_numpy(ids))
+    assert isinstance(y, torch.Tensor)
+    want = adapters.expected(x, np.zeros((20, D_OUT)), ids)
+    assert_rows_close(y.numpy(), want, adapters.bound(x, np.zeros((20, D_OUT)), ids), 1e-5, "y")
+
+
+def test_segments_of():
+    assert F.segments_of([3, 3, -1, 0, 0, 0, 3]).tolist() == [0, 2, 3, 6, 7]
+    assert F.segments_of([]).tolist() == [0]
+
+
+def test_workspace_bytes_grow_with_rows_and_groups():
+    per_row = F.batched_workspace_bytes(64, 8, 4)
+    grouped = F.batched_workspace_bytes(64, 8, 4, grouped=True)
+    with_segments = F.batched_workspace_bytes(64, 8, 4, grouped=True, n_segments=4)
+    assert per_row >= 64 * 8 * 4 and grouped > per_row and per_row < with_segments < grouped
+    assert F.batched_workspace_bytes(64, 8, 8) >= 64 * 8 * 8
+    assert all(b % 256 == 0 for b in (per_row, grouped, with_segments))
+
+
+# ---------------------------------------------------------------- bad input
+
+def good_call(n=6):
+    rng = np.random.default_rng(0)
+    adapters = Adapters(3, ranks=[4, 2, 3])
+    return dict(y=np.full((n, D_OUT), 7.0, np.float32),
+                x=rng.standard_normal((n, D_IN)).astype(np.float32),
+                pool_a=adapters.pool_a, index_a=adapters.index_a, pool_b=adapters.pool_b,
+                index_b=adapters.index_b, scales=adapters.scales,
+                adapter_ids=np.array([0, 1, -1, 2, 1, 0][:n], np.int32), ranks=adapters.ranks)
+
+
+def set_entry(key, at, value):
+    def change(args):
+        arr = args[key].copy()
+        arr[at] = value
+        args[key] = arr
+    return change
+
+
+def readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+BAD = [
+    ("id too large", set_entry("adapter_ids", 3, 3), ValueError, r"adapter_ids\[3\] = 3 is out of range \[-1, 3\)"),
+    ("id below -1", set_entry("adapter_ids", 0, -2), ValueError, r"adapter_ids\[0\] = -2 is out of range"),
+    ("ids int64", lambda a: a.update(adapter_ids=a["adapter_ids"].astype(np.int64)), TypeError, "adapter_ids: unsupported dtype"),
+    ("ids float", lambda a: a.update(adapter_ids=a["adapter_ids"].astype(np.float32)), TypeError, "adapter_ids: index tables must be int32"),
+    ("ids length", lambda a: a.update(adapter_ids=a["adapter_ids"][:5].copy()), ValueError, r"adapter_ids: dimension 0 is 5, expected 6 \(one adapter id per row of x\)"),
+    ("ids strided", lambda a: a.update(adapter_ids=np.repeat(a["adapter_ids"], 2)[::2]), BufferError, "adapter_ids: must be contiguous"),
+    ("ids 2-D", lambda a: a.update(adapter_ids=a["adapter_ids"][None]), ValueError, "adapter_ids: expected a 1-D array"),
+    ("index_a out of range", set_entry("index_a", (1, 0), 10**6), ValueError, r"index_a\[1, 0\] = 1000000 is out of range"),
+    ("index_b negative", set_entry("index_b", (2, 3), -1), ValueError, r"index_b\[2, 3\] = -1 is out of range"),
+    ("index_a 1-D", lambda a: a.update(index_a=a["index_a"][0].copy()), ValueError, "index_a: expected a 2-D array"),
+    ("index_b shape", lambda a: a.update(index_b=a["index_b"][:, :6].copy()), ValueError, r"index_b: dimension 1 is 6, expected 8"),
+    ("index_b adapters", lambda a: a.update(index_b=a["index_b"][:2].copy()), ValueError, r"index_b: dimension 0 is 2, expected 3"),
+    ("index width", lambda a: a.update(index_a=a["index_a"][:, :7].copy(), index_b=a["index_b"][:, :7].copy()), ValueError, "index_a: row length 7 must be a positive multiple of shards_per_vector = 2"),
+    ("index int64", lambda a: a.update(index_a=a["index_a"].astype(np.int64)), TypeError, "index_a: unsupported dtype"),
+    ("index transposed", lambda a: a.update(index_a=np.asfortranarray(a["index_a"])), BufferError, "index_a: must be contiguous"),
+    ("scales length", lambda a: a.update(scales=a["scales"][:2].copy()), ValueError, r"scales: dimension 0 is 2, expected 3"),
+    ("scales int", lambda a: a.update(scales=np.ones(3, np.int32)), TypeError, "scales: expected float32 or float64, got int32"),
+    ("scales float16", lambda a: a.update(scales=np.ones(3, np.float16)), TypeError, "scales: expected float32 or float64, got float16"),
+    ("scales nan", set_entry("scales", 1, np.nan), ValueError, r"scales\[1\] = nan must be finite"),
+    ("scales inf", set_entry("scales", 2, np.inf), ValueError, r"scales\[2\] = inf must be finite"),
+    ("rank too large", set_entry("ranks", 0, 5), ValueError, r"ranks\[0\] = 5 is out of range \[0, 5\)"),
+    ("rank negative", set_entry("ranks", 1, -1), ValueError, r"ranks\[1\] = -1 is out of range"),
+    ("ranks length", lambda a: a.update(ranks=a["ranks"][:2].copy()), ValueError, r"ranks: dimension 0 is 2, expected 3"),
+    ("x float16", lambda a: a.update(x=a["x"].astype(np.float16)), TypeError, "does not match x's float16"),
+    ("x int32", lambda a: a.update(x=a["x"].astype(np.int32)), TypeError, "x: expected a floating-point tensor"),
+    ("16-bit on CPU", lambda a: a.update(x=a["x"].astype(np.float16), y=a["y"].astype(np.float16), pool_a=a["pool_a"].astype(np.float16), pool_b=a["pool_b"].astype(np.float16)), TypeError, "the CPU path supports float32 and float64"),
+    ("pool_a float64", lambda a: a.update(pool_a=a["pool_a"].astype(np.float64)), TypeError, "pool_a: dtype float64 does not match x's float32"),
+    ("y float64", lambda a: a.update(y=a["y"].astype(np.float64)), TypeError, "y: dtype float64 does not match x's float32"),
+    ("y rows", lambda a: a.update(y=a["y"][:5]), ValueError, r"y: dimension 0 is 5, expected 6"),
+    ("y features", lambda a: a.update(y=np.zeros((6, 26), np.float32)), ValueError, r"pool_b: dimension 1 is 12, expected 13 \(pool_b shard length"),
+    ("d_in vs shard", lambda a: a.update(x=np.zeros((6, 17), np.float32)), ValueError, "pool_a: shard length 8 must divide x's d_in = 17"),
+    ("d_out vs l", lambda a: a.update(y=np.zeros((6, 25), np.float32)), ValueError, "d_out = 25 is not a multiple of shards_per_vector = 2"),
+    ("pool not contiguous", lambda a: a.update(pool_a=np.asfortranarray(a["pool_a"])), BufferError, "pool_a: must be contiguous"),
+    ("x column-strided", lambda a: a.update(x=np.zeros((6, 2 * D_IN), np.float32)[:, ::2]), BufferError, "x: columns must be contiguous"),
+    ("y read-only", lambda a: a.update(y=readonly(a["y"])), BufferError, "y: output is read-only"),
+    ("y is x", lambda a: a.update(x=a["y"][:, :D_IN]), BufferError, "y: output memory overlaps x"),
+    ("y overlaps pool", lambda a: a.update(y=a["pool_b"].reshape(-1)[:6 * D_OUT].reshape(6, D_OUT)), BufferError, "y: output memory overlaps pool_b"),
+    ("segments without grouped", lambda a: a.update(segments=np.array([0, 6], np.int32)), ValueError, "only the grouped strategy uses segments"),
+    ("workspace too small", lambda a: a.update(workspace=np.zeros(8, np.uint8)), (ValueError, TypeError), "workspace"),
+]
+
+BAD_GROUPED = [
+    ("segments end", lambda a: a.update(segments=np.array([0, 3, 5], np.int32)), ValueError, "segments: must start at 0 and end at the row count 6"),
+    ("segments start", lambda a: a.update(segments=np.array([1, 6], np.int32)), ValueError, "segments: must start at 0"),
+    ("segments decrease", lambda a: a.update(segments=np.array([0, 4, 3, 6], np.int32)), ValueError, r"segments\[2\] = 3 is below segments\[1\] = 4"),
+    ("segments mix adapters", lambda a: a.update(segments=np.array([0, 2, 6], np.int32)), ValueError, r"segment 0 mixes adapters \(row 1 has id 1, row 0 has id 0\)"),
+    ("segments int64", lambda a: a.update(segments=np.array([0, 6], np.int64)), TypeError, "segments: unsupported dtype"),
+    ("segments empty", lambda a: a.update(segments=np.zeros(0, np.int32)), ValueError, "segments: needs at least one entry"),
+]
+
+
+def call(args, grouped=False):
+    return _C.batched_forward(args["y"], args["x"], args["pool_a"], args["index_a"], args["pool_b"],
+                              args["index_b"], args["scales"], args["adapter_ids"],
+                              ranks=args.get("ranks"), grouped=grouped,
+                              segments=args.get("segments"), workspace=args.get("workspace"))
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_bad_input_raises_and_writes_nothing(case, grouped):
+    _, change, error, message = case
+    if grouped and "segments" in case[0]:
+        pytest.skip("segments are legal with grouped=True")
+    args = good_call()
+    call(dict(args, y=args["y"].copy()), grouped)  # the unchanged call is fine
+    change(args)
+    before = np.array(args["y"], copy=True)
+    with pytest.raises(error, match=message):
+        call(args, grouped)
+    assert np.array_equal(np.asarray(args["y"]), before, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", BAD_GROUPED, ids=[c[0] for c in BAD_GROUPED])
+def test_bad_segments_raise_and_write_nothing(case):
+    _, change, error, message = case
+    args = good_call()
+    args["adapter_ids"] = np.array([0, 1, 1, 2, 2, 2], np.int32)
+    call(dict(args, y=args["y"].copy(), segments=np.array([0, 1, 3, 6], np.int32)), True)
+    change(args)
+    before = args["y"].copy()
+    with pytest.raises(error, match=message):
+        call(args, True)
+    assert np.array_equal(args["y"], before)
+
+
+def test_bad_arguments_to_the_python_wrapper():
+    args = good_call()
+    common = dict(pool_a=args["pool_a"], index_a=args["index_a"], pool_b=args["pool_b"],
+                  index_b=args["index_b"], scales=args["scales"])
+    with pytest.raises(ValueError, match="strategy must be"):
+        F.batched_forward(args["x"], **common, adapter_ids=args["adapter_ids"], strategy="fast")
+    with pytest.raises(TypeError, match="adapter_ids: expected integers"):
+        F.batched_forward(args["x"], **common, adapter_ids=[0.5] * 6)
+    with pytest.raises(TypeError, match="missing required argument 'adapter_ids'"):
+        _C.batched_forward(args["y"], args["x"], args["pool_a"], args["index_a"], args["pool_b"],
+                           args["index_b"], args["scales"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'segment'"):
+        _C.batched_forward(args["y"], args["x"], args["pool_a"], args["index_a"], args["pool_b"],
+                           args["index_b"], args["scales"], args["adapter_ids"], segment=None)
