@@ -26,6 +26,16 @@
 
 #define WORKSPACE_ALIGN 256
 
+/* The per-row kernel is built twice on x86-64 with GCC >= 12 or Clang >= 14, for AVX2 + FMA and
+ * for the baseline, and the loader picks one per machine (an ifunc); elsewhere once. */
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12) || \
+     (defined(__clang__) && __clang_major__ >= 14)) && !defined(__SANITIZE_ADDRESS__)
+#define MOS_SERVE_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MOS_SERVE_SIMD
+#endif
+
 /* Scratch of the grouped strategy, sized for the largest group; unused pieces are NULL. */
 typedef struct {
     void *a;     /* (max_rank, d_in) */
