@@ -1,0 +1,42 @@
+"""Command line of mos: `python -m mos <command> [options]`.
+
+Each command is a module with `add_arguments(parser)` and `run(args) -> int`; add one by adding a
+row to COMMANDS. The modules must import cheaply (heavy imports such as torch go inside `run`), so
+`python -m mos --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module that implements it, one-line help)
+COMMANDS = {
+    "demo": ("mos.demo", "fine-tune a small Llama with MoS and with LoRA on CPython's own sources "
+                         "and compare them"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mos",
+        description="mos: MoS (Mixture of Shards) adapters, a parameter-efficient LoRA.")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or help_text).strip()
+        cmd = sub.add_parser(name, help=help_text, description=doc,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
