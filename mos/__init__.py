@@ -22,5 +22,16 @@ def set_num_threads(n):
     return _C.set_num_threads(n)
 
 
-__all__ = ["MoSConfig", "ShardPool", "functional", "build_info", "set_num_threads"]
+_TORCH_EXPORTS = ("get_mos_model", "MoSModel")
+
+
+def __getattr__(name):
+    # The torch integration is imported on first use, so `import mos` never imports torch.
+    if name in _TORCH_EXPORTS:
+        from . import torch as _mos_torch
+        return getattr(_mos_torch, name)
+    raise AttributeError(f"module 'mos' has no attribute {name!r}")
+
+
+__all__ = ["MoSConfig", "ShardPool", "functional", "build_info", "set_num_threads", *_TORCH_EXPORTS]
 del _openblas

@@ -1,0 +1,71 @@
+"""export_lora: a MoS adapter written as the plain PEFT LoRA adapter it is equivalent to.
+
+Each adapted layer k gets its assembled A_k (r, d_in) and B_k (d_out, r) under PEFT's keys
+base_model.model.<module path>.lora_{A,B}.weight, with the same r, lora_alpha and rsLoRA flag,
+so peft.PeftModel.from_pretrained(base, dir) reproduces the MoS model's outputs.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from safetensors.torch import save_file
+
+from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_write, write_json
+from .layer import MoSLinear
+
+__all__ = ["export_lora"]
+
+
+def export_lora(mos_model, save_directory: str, adapter_name: str | None = None) -> None:
+    """Writes `adapter_name` (default: the active adapter) of `mos_model` as a PEFT LoRA adapter."""
+    name = mos_model.active_adapter if adapter_name is None else adapter_name
+    if name not in mos_model.peft_config:
+        raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(mos_model.peft_config)}")
+    config = mos_model.peft_config[name]
+    tensors, paths = {}, []
+    with torch.no_grad():
+        for entries in mos_model.adapter_paths(name).values():
+            for path, layer in entries:
+                a, b = layer.lora_weights(name)
+                tensors[f"base_model.model.{path}.lora_A.weight"] = a.detach().to("cpu").contiguous()
+                tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().to("cpu").contiguous()
+                paths.append(path)
+    lora_config = {
+        "peft_type": "LORA",
+        "task_type": config.task_type,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "use_rslora": config.use_rslora,
+        "target_modules": _lora_target_modules(mos_model.base_model, paths),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    os.makedirs(save_directory, exist_ok=True)
+    atomic_write(os.path.join(save_directory, WEIGHTS_NAME),
+                 lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    write_json(os.path.join(save_directory, CONFIG_NAME), lora_config)
+
+
+def _lora_target_modules(base_model, paths):
+    """PEFT target_modules selecting exactly `paths` in the plain base model: the module names when
+    they select exactly these modules (readable, PEFT's usual form), else a regex of the paths."""
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    selected = set()
+    skip = []
+    for path, module in base_model.named_modules():
+        if skip and any(path.startswith(s) for s in skip):
+            continue  # inside an MoSLinear: absent from the plain model the LoRA is loaded into
+        if isinstance(module, MoSLinear):
+            skip.append(path + ".")
+        if path and any(path == n or path.endswith("." + n) for n in names):
+            selected.add(path)
+    if selected == set(paths):
+        return names
+    return "|".join(re.escape(p) for p in sorted(paths))

@@ -1,0 +1,187 @@
+"""MoSLinear: an nn.Linear with MoS adapters whose A and B come from shared pools."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .ops import adapter_linear
+from .pools import SharedPools
+
+__all__ = ["MoSLinear"]
+
+
+@dataclass
+class _AdapterSlot:
+    """What one adapter needs in one layer: its type's pools, this layer's position among the
+    layers sharing them (its row of the index tables, and its private segment), and the scale."""
+    pools: SharedPools
+    position: int
+    scaling: float
+
+
+class MoSLinear(nn.Module):
+    """y = base_layer(x) + s * (dropout(x) A_k^T) B_k^T for the active adapter.
+
+    The wrapped layer stays as `base_layer`. Pools belong to the MoSModel; this layer keeps plain
+    references (never registered here), so shared pools are stored once. Pools may be float32
+    while the base is bf16/fp16: the adapter input is cast to the pools' dtype and the adapter's
+    output back to the base output's dtype."""
+
+    def __init__(self, base_layer: nn.Linear, module_type: str):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MoSLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.module_type = module_type
+        self.lora_dropout = nn.ModuleDict()
+        self.active_adapter = None
+        self.disable_adapters = False
+        self.merged_adapters = []
+        self._slots = {}  # adapter name -> _AdapterSlot; a plain dict so nothing is registered twice
+
+    # ------------------------------------------------------------------ passthrough
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list:
+        return list(self._slots)
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, pools: SharedPools, position: int, scaling: float, dropout: float):
+        if (pools.d_in, pools.d_out) != (self.in_features, self.out_features):
+            raise ValueError(f"{name}: pools are for ({pools.d_in} -> {pools.d_out}), the layer is "
+                             f"({self.in_features} -> {self.out_features})")
+        self._slots[name] = _AdapterSlot(pools, int(position), float(scaling))
+        dropout_module = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = dropout_module.train(self.training)  # follow the model's mode
+
+    def remove_adapter(self, name: str):
+        if name in self.merged_adapters:
+            self.unmerge(adapter_names=[name])
+        self._slots.pop(name, None)
+        if name in self.lora_dropout:
+            del self.lora_dropout[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def slot(self, name: str) -> _AdapterSlot:
+        return self._slots[name]
+
+    def lora_weights(self, name: str):
+        """(A_k, B_k) of adapter `name` in this layer: (r, d_in) and (d_out, r)."""
+        slot = self._slots[name]
+        return slot.pools.assembled(slot.position)
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """s * B_k A_k, (d_out, d_in), in float32 (float64 for float64 pools)."""
+        a, b = self.lora_weights(name)
+        acc = torch.promote_types(a.dtype, torch.float32)
+        return (b.to(acc) @ a.to(acc)) * self._slots[name].scaling
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, *args, adapter_names=None, **kwargs):
+        # Decision table:
+        #   adapters disabled               -> base layer only (unmerging first if merged)
+        #   active adapter merged or absent -> base layer only (its update is in the weight, or none)
+        #   otherwise                       -> base layer + adapter update
+        # adapter_names is the hook for per-sample adapters in mixed batches (serving).
+        if adapter_names is not None:
+            raise NotImplementedError("per-sample adapter_names (mixed-adapter batches) is not supported yet")
+        if self.disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        name = self.active_adapter
+        if name is None or name not in self._slots or name in self.merged_adapters:
+            return result
+        return self._add_update(result, x, name)
+
+    def _add_update(self, result, x, name):
+        slot = self._slots[name]
+        pools = slot.pools
+        pool_a, pool_b = pools.pool_a, pools.pool_b
+        index_a, index_b = pools.index_a[slot.position], pools.index_b[slot.position]
+        if pool_a.device != x.device:  # layers spread over devices by a device map share one pool
+            pool_a, pool_b = pool_a.to(x.device), pool_b.to(x.device)
+            index_a, index_b = index_a.to(x.device), index_b.to(x.device)
+        adapter_in = self.lora_dropout[name](x)
+        if adapter_in.dtype != pool_a.dtype:
+            adapter_in = adapter_in.to(pool_a.dtype)
+        if result.dtype == pool_a.dtype:
+            # Same dtype: the op accumulates into a copy of the base output, saving one pass.
+            return adapter_linear(adapter_in, pool_a, index_a, pool_b, index_b, slot.scaling, base=result)
+        update = adapter_linear(adapter_in, pool_a, index_a, pool_b, index_b, slot.scaling)
+        return result + update.to(result.dtype)
+
+    # ------------------------------------------------------------------ merge
+    def _merge_names(self, adapter_names):
+        if adapter_names is None:
+            adapter_names = [] if self.active_adapter is None else [self.active_adapter]
+        return [n for n in adapter_names if n in self._slots]
+
+    @torch.no_grad()
+    def merged_weight(self, names) -> torch.Tensor:
+        """W0 + sum of the adapters' s B A, computed in float32 (or wider)."""
+        weight = self.base_layer.weight
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        merged = weight.to(acc).clone()
+        for name in names:
+            merged += self.get_delta_weight(name).to(device=weight.device, dtype=acc)
+        return merged
+
+    @torch.no_grad()
+    def check_merge(self, adapter_names=None):
+        """Raises ValueError when merging would put NaN/inf into the weight (nothing is written)."""
+        names = [n for n in self._merge_names(adapter_names) if n not in self.merged_adapters]
+        if names and not torch.isfinite(self.merged_weight(names)).all():
+            raise ValueError(f"merging adapter(s) {names} into {self.module_type} gives NaN/inf weights; "
+                             f"the adapter is broken")
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names=None):
+        """Adds s * B_k A_k of each adapter into base_layer.weight (the active one by default)."""
+        names = [n for n in self._merge_names(adapter_names) if n not in self.merged_adapters]
+        if not names:
+            return
+        merged = self.merged_weight(names)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"merging adapter(s) {names} into {self.module_type} gives NaN/inf weights; "
+                             f"the adapter is broken")
+        self.base_layer.weight.copy_(merged)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self, adapter_names=None):
+        """Subtracts merged adapters again (all of them by default), last merged first."""
+        names = list(self.merged_adapters) if adapter_names is None else \
+            [n for n in self.merged_adapters if n in adapter_names]
+        weight = self.base_layer.weight
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        for name in reversed(names):
+            restored = weight.to(acc) - self.get_delta_weight(name).to(device=weight.device, dtype=acc)
+            weight.copy_(restored)
+            self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        return f"module_type={self.module_type!r}, adapters={self.adapter_names}, active={self.active_adapter!r}"

@@ -1,0 +1,292 @@
+"""MoSModel: injects MoS adapters into any torch model and gives it PEFT's everyday API."""
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..config import MoSConfig
+from ..pool import ShardPool
+from . import files
+from .layer import MoSLinear
+from .pools import SharedPools
+from .targets import default_target_modules, find_targets
+
+__all__ = ["MoSModel", "get_mos_model"]
+
+
+def get_mos_model(model: nn.Module, config: MoSConfig, adapter_name: str = "default") -> "MoSModel":
+    """Wraps `model` with a trainable MoS adapter on the modules config.target_modules selects."""
+    return MoSModel(model, config, adapter_name)
+
+
+class MoSModel(nn.Module):
+    """A model whose target nn.Linear layers are MoSLinear, plus the pools they share.
+
+    `base_model` is the model passed in (modified in place); `mos_pools[adapter][type]` holds each
+    adapter's pools once; base parameters are frozen and only the active adapter's pools train.
+    Unknown attributes fall through to the base model (config, generate, device, ...)."""
+
+    def __init__(self, model: nn.Module, config: MoSConfig, adapter_name: str = "default"):
+        super().__init__()
+        self._init_empty(model)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def _init_empty(self, model):
+        if isinstance(model, MoSModel):
+            raise TypeError("model is already a MoSModel; use add_adapter() for another adapter")
+        self.base_model = model
+        self.mos_pools = nn.ModuleDict()
+        self.peft_config = {}
+        self.active_adapter = None
+        self._inference_adapters = set()
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "mos_pools") or "_modules" not in self.__dict__:
+                raise
+            return getattr(self._modules["base_model"], name)
+
+    # ------------------------------------------------------------------ running
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def active_adapters(self) -> list:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    def _mos_layers(self):
+        return [m for m in self.base_model.modules() if isinstance(m, MoSLinear)]
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, config: MoSConfig) -> None:
+        """Injects a new adapter (inactive and frozen until set_adapter)."""
+        self._add(adapter_name, config, state=None)
+
+    def load_adapter(self, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
+        """Adds the adapter saved in `directory` under `adapter_name`; nothing changes if it is invalid."""
+        self._add(adapter_name, None, state=files.read_adapter(directory), is_trainable=is_trainable)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "MoSModel":
+        """Wraps `base_model` with the adapter saved in `directory` (index tables loaded, never
+        redrawn). Invalid files raise ValueError naming the key and leave base_model untouched."""
+        state = files.read_adapter(directory)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._init_empty(base_model)
+        self._add(adapter_name, None, state=state, is_trainable=is_trainable)
+        self.set_adapter(adapter_name)
+        return self
+
+    def _add(self, adapter_name, config, state, is_trainable=True):
+        _check_adapter_name(adapter_name, self.peft_config)
+        config = copy.deepcopy(state.config if state is not None else config)
+        if not isinstance(config, MoSConfig):
+            raise TypeError(f"config must be a MoSConfig, got {type(config).__name__}")
+        if config.target_modules is None:
+            config.target_modules = default_target_modules(self.base_model)
+        # Plan and validate everything before touching the model, so a failure changes nothing.
+        try:
+            layouts, shard_pools = _plan(self.base_model, config)
+        except ValueError as err:
+            if state is None:
+                raise
+            raise ValueError(f"{os.path.join(state.directory, files.CONFIG_NAME)}: {err}") from None
+        saved = files.validate_adapter(state, shard_pools, layouts) if state is not None else {}
+        pools = nn.ModuleDict()
+        for module_type, layout in layouts.items():
+            values, tables = saved.get(module_type, (None, None))
+            pools[module_type] = SharedPools(shard_pools[module_type], device=layout.sites[0].linear.weight.device,
+                                             values=values, tables=tables)
+        # From here on nothing can fail.
+        for layout in layouts.values():
+            for position, site in enumerate(layout.sites):
+                layer = site.module if isinstance(site.module, MoSLinear) else self._wrap(site.path, site.module)
+                layer.add_adapter(adapter_name, pools[layout.module_type], position, config.scaling,
+                                  config.lora_dropout)
+        self.mos_pools[adapter_name] = pools
+        self.peft_config[adapter_name] = config
+        if not is_trainable:
+            self._inference_adapters.add(adapter_name)
+        for param in self.base_model.parameters():
+            param.requires_grad_(False)
+        self._sync_requires_grad()
+
+    def _wrap(self, path, linear):
+        layer = MoSLinear(linear, path.rsplit(".", 1)[-1])
+        layer.active_adapter = self.active_adapter
+        layer.train(linear.training)
+        _set_submodule(self.base_model, path, layer)
+        return layer
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Makes `adapter_name` the one that runs and trains; other adapters' pools are frozen."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        if any(layer.merged for layer in self._mos_layers()):
+            self.unmerge_adapter()  # a merged weight would silently keep the old adapter
+        for layer in self._mos_layers():
+            layer.active_adapter = adapter_name
+        self.active_adapter = adapter_name
+        self._sync_requires_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Removes an adapter (unmerging it first); layers left without adapters become plain nn.Linear."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        for path, layer in self._named_mos_layers():
+            layer.remove_adapter(adapter_name)
+            if not layer.adapter_names:
+                _set_submodule(self.base_model, path, layer.base_layer)
+        del self.mos_pools[adapter_name]
+        del self.peft_config[adapter_name]
+        self._inference_adapters.discard(adapter_name)
+        if self.active_adapter == adapter_name:
+            remaining = list(self.peft_config)
+            self.active_adapter = None
+            if remaining:
+                self.set_adapter(remaining[0])
+
+    def _sync_requires_grad(self):
+        for name, pools in self.mos_pools.items():
+            trainable = name == self.active_adapter and name not in self._inference_adapters
+            for param in pools.parameters():
+                param.requires_grad_(trainable)
+
+    def _named_mos_layers(self):
+        return [(p, m) for p, m in self.base_model.named_modules() if isinstance(m, MoSLinear)]
+
+    def adapter_paths(self, adapter_name: str) -> dict:
+        """{module type: [(path, layer) in position order]} of one adapter."""
+        by_type = {}
+        for path, layer in self._named_mos_layers():
+            if adapter_name in layer.adapter_names:
+                by_type.setdefault(layer.module_type, []).append((layer.slot(adapter_name).position, path, layer))
+        return {t: [(p, l) for _, p, l in sorted(entries, key=lambda e: e[0])] for t, entries in by_type.items()}
+
+    # ------------------------------------------------------------------ merge / unload
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """Adds s * B_k A_k into every adapted weight (the active adapter by default). With safe_merge
+        every layer is checked for NaN/inf first, and nothing is merged if one fails."""
+        layers = self._mos_layers()
+        if safe_merge:
+            for layer in layers:
+                layer.check_merge(adapter_names)
+        for layer in layers:
+            layer.merge(adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._mos_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """Merges the adapter into the weights and returns the base model with plain nn.Linear layers."""
+        self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        """Returns the base model with the adapters removed (unmerged first, so its weights are the
+        original ones)."""
+        self.unmerge_adapter()
+        return self._unload()
+
+    def _unload(self):
+        for path, layer in self._named_mos_layers():
+            _set_submodule(self.base_model, path, layer.base_layer)
+        self.mos_pools = nn.ModuleDict()
+        self.peft_config = {}
+        self.active_adapter = None
+        return self.base_model
+
+    @contextmanager
+    def disable_adapter(self):
+        """Runs the base model alone inside the block; merged adapters are unmerged for it and
+        merged back on exit."""
+        layers = self._mos_layers()
+        merged = {layer: list(layer.merged_adapters) for layer in layers}
+        for layer in layers:
+            layer.unmerge()
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disable_adapters = False
+                if merged[layer]:
+                    layer.merge(adapter_names=merged[layer])
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple:
+        """(trainable parameters, all parameters), each shared pool counted once."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, save_directory: str, selected_adapters=None) -> None:
+        """Writes each adapter as adapter_config.json + adapter_model.safetensors: "default" into
+        save_directory, others into save_directory/<name> (PEFT's layout)."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(self.peft_config)}")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory}: is a file, expected a directory")
+        for name in names:
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            paths = {t: [p for p, _ in entries] for t, entries in self.adapter_paths(name).items()}
+            files.write_adapter(directory, self.peft_config[name], dict(self.mos_pools[name].items()), paths)
+
+    def export_lora(self, save_directory: str, adapter_name: str | None = None) -> None:
+        """Writes the adapter as a plain PEFT LoRA adapter (rank r, per-layer A_k and B_k)."""
+        from .export import export_lora
+        export_lora(self, save_directory, adapter_name)
+
+
+def _plan(model, config):
+    """({type: TypeLayout}, {type: ShardPool}) for config on model; raises ValueError, changes nothing."""
+    layouts = find_targets(model, config.target_modules, config.layer_pattern)
+    shard_pools = {}
+    for module_type, layout in layouts.items():
+        try:
+            shard_pools[module_type] = ShardPool(module_type, layout.d_in, layout.d_out, layout.n_layers, config)
+        except ValueError as err:
+            raise ValueError(f"module type {module_type!r} ({layout.d_in} -> {layout.d_out}, "
+                             f"{layout.n_layers} layers): {err}") from None
+    return layouts, shard_pools
+
+
+def _check_adapter_name(name, existing):
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name must be a non-empty string without '.' that is not an "
+                         f"nn.Module attribute, got {name!r}")
+    if name in existing:
+        raise ValueError(f"adapter {name!r} already exists; delete_adapter() it first or pick another name")
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)

@@ -1,0 +1,301 @@
+"""The MoS adapter product as differentiable torch ops over the C core.
+
+    y = base + scale * (x A^T) B^T,   A = pool_a[index_a] viewed (r, d_in),  B^T = pool_b[index_b] viewed (r, d_out)
+
+Two front doors share one implementation:
+  * eager mode uses a torch.autograd.Function (a custom op's dispatcher adds ~20 us per call,
+    which is most of a small layer's budget);
+  * torch.compile sees the custom ops ``mos::linear_forward`` / ``mos::linear_backward``, with
+    fake kernels for tracing and autograd registered, so a training step compiles without
+    graph breaks and the backward op lands in the compiled backward graph.
+
+Tensors reach ``mos._C`` through DLPack. Device/dtype pairs the core was not built for (CPU
+half precision, MPS, CUDA without a CUDA build) run a pure-torch gather + matmul fallback with
+the same semantics, so a layer works everywhere and is fast where the core runs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _C
+
+__all__ = ["adapter_linear", "core_supports"]
+
+_CORE_DTYPES = {
+    "cpu": frozenset({torch.float32, torch.float64}),
+    "cuda": frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16}),
+}
+_CUDA_BUILT = bool(_C.build_info()["cuda"])
+_DLPACK_CPU, _DLPACK_CUDA = 1, 2
+
+
+def core_supports(tensor: torch.Tensor) -> bool:
+    """True when mos._C can run a call whose tensors have this device and dtype."""
+    kind = tensor.device.type
+    if kind == "cuda" and not _CUDA_BUILT:
+        return False
+    return tensor.dtype in _CORE_DTYPES.get(kind, ())
+
+
+# ---------------------------------------------------------------------------- DLPack export
+
+_to_dlpack_versioned = getattr(torch._C, "_to_dlpack_versioned", None)
+_to_dlpack = getattr(torch._C, "_to_dlpack", None)
+
+
+class _Exported:
+    """One tensor offered to mos._C over DLPack.
+
+    torch.Tensor.__dlpack__ is Python code costing ~10 us per tensor (mostly stream bookkeeping);
+    the core launches on the tensor's current stream itself, so no cross-stream sync is owed and
+    the capsule can come straight from torch's C exporter."""
+
+    __slots__ = ("_tensor", "_device")
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+        if tensor.device.type == "cuda":
+            self._device = (_DLPACK_CUDA, tensor.device.index or 0)
+        else:
+            self._device = (_DLPACK_CPU, 0)
+
+    def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
+        if max_version is None or max_version[0] < 1:
+            return _to_dlpack(self._tensor)
+        return _to_dlpack_versioned(self._tensor)
+
+    def __dlpack_device__(self):
+        return self._device
+
+
+def _export(tensor):
+    """A DLPack-exportable handle on a detached tensor (torch refuses to export tensors needing grad)."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach()
+    if _to_dlpack_versioned is None or _to_dlpack is None or tensor.device.type not in ("cpu", "cuda"):
+        return tensor
+    return _Exported(tensor)
+
+
+def _launch_options(x, n_rows, d_in, d_out, rank, backward, with_h):
+    """workspace/stream keywords of a core call: CUDA needs both, the CPU path allocates its own."""
+    if x.device.type != "cuda":
+        return {}
+    nbytes = _C.linear_workspace_bytes(n_rows, d_in, d_out, rank, x.element_size(), backward, with_h)
+    workspace = torch.empty(max(nbytes, 256), dtype=torch.uint8, device=x.device)
+    # torch reports the legacy default stream as 0, which DLPack spells 1.
+    stream = torch.cuda.current_stream(x.device).cuda_stream or 1
+    return {"workspace": _export(workspace), "stream": stream}
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+def _dims(x, pool_a, index_a, pool_b):
+    """(n_rows, d_in, d_out, rank, shards_per_vector) of one call."""
+    n_rows, d_in = x.shape
+    shards = d_in // pool_a.shape[1]
+    return n_rows, d_in, pool_b.shape[1] * shards, index_a.shape[0] // shards, shards
+
+
+def _as_rows(t):
+    """t itself when it is row-strided with unit column stride (what the core takes), else a copy."""
+    rows, cols = t.shape
+    if (cols <= 1 or t.stride(1) == 1) and (rows <= 1 or t.stride(0) >= cols):
+        return t
+    return t.contiguous()
+
+
+def _check_inputs(x, pool_a, index_a, pool_b, index_b, base):
+    if x.dim() != 2:
+        raise ValueError(f"x: expected (rows, d_in), got shape {tuple(x.shape)}")
+    for name, t in (("pool_a", pool_a), ("pool_b", pool_b), ("base", base)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}; cast x to the pools' dtype")
+    for name, t in (("index_a", index_a), ("index_b", index_b)):
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise TypeError(f"{name}: expected a 1-D int32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    if pool_a.shape[1] == 0 or x.shape[1] % pool_a.shape[1]:
+        raise ValueError(f"pool_a: shard length {pool_a.shape[1]} must divide d_in = {x.shape[1]}")
+
+
+# ---------------------------------------------------------------------------- implementations
+
+
+def _forward_impl(x, pool_a, index_a, pool_b, index_b, scale: float, base, save_h: bool):
+    """(y, h): y = base + scale (x A^T) B^T as a new (N, d_out) tensor; h = x A^T (N, r) when
+    save_h, else an empty (0, r) tensor."""
+    n_rows, d_in, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
+    if not core_supports(x):
+        return _fallback_forward(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
+    x = _as_rows(x)
+    if base is None:
+        y = x.new_zeros((n_rows, d_out))
+    else:
+        y = base.clone(memory_format=torch.contiguous_format)
+    h = x.new_empty((n_rows, rank)) if save_h else x.new_empty((0, rank))
+    _C.linear_forward(_export(y), _export(x), _export(pool_a.contiguous()), _export(index_a),
+                      _export(pool_b.contiguous()), _export(index_b), scale,
+                      h=_export(h) if save_h else None,
+                      **_launch_options(x, n_rows, d_in, d_out, rank, False, save_h))
+    return y, h
+
+
+def _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, scale: float, h,
+                   need_dx: bool, need_dpool_a: bool, need_dpool_b: bool):
+    """(dx, dpool_a, dpool_b), each None when not needed. Pool gradients are dense, pool-shaped,
+    and hold the scatter-add of this layer's A/B gradients into the rows it gathered."""
+    n_rows, d_in, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
+    if h is not None and h.shape[0] != n_rows:
+        h = None  # forward did not keep x A^T: the core recomputes it
+    if not core_supports(x):
+        return _fallback_backward(dy, x, pool_a, index_a, pool_b, index_b, scale, h,
+                                  need_dx, need_dpool_a, need_dpool_b)
+    x, dy = _as_rows(x), _as_rows(dy.to(x.dtype))
+    dx = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_dx else None
+    dpool_a = torch.zeros_like(pool_a, memory_format=torch.contiguous_format) if need_dpool_a else None
+    dpool_b = torch.zeros_like(pool_b, memory_format=torch.contiguous_format) if need_dpool_b else None
+    if dx is not None or dpool_a is not None or dpool_b is not None:
+        _C.linear_backward(_export(dx), _export(dpool_a), _export(dpool_b), _export(dy), _export(x),
+                           _export(pool_a.contiguous()), _export(index_a), _export(pool_b.contiguous()),
+                           _export(index_b), scale, h=_export(h),
+                           **_launch_options(x, n_rows, d_in, d_out, rank, True, h is not None))
+    return dx, dpool_a, dpool_b
+
+
+def _assembled(pool_a, index_a, pool_b, index_b, rank):
+    """(A, B^T) gathered from the pools: (r, d_in) and (r, d_out)."""
+    a = pool_a.index_select(0, index_a.long()).reshape(rank, -1)
+    bt = pool_b.index_select(0, index_b.long()).reshape(rank, -1)
+    return a, bt
+
+
+def _fallback_forward(x, pool_a, index_a, pool_b, index_b, scale, base, save_h):
+    _, _, _, rank, _ = _dims(x, pool_a, index_a, pool_b)
+    a, bt = _assembled(pool_a, index_a, pool_b, index_b, rank)
+    h = x @ a.T
+    y = torch.addmm(base, h, bt, alpha=scale) if base is not None else (h @ bt).mul_(scale)
+    return y, (h if save_h else x.new_empty((0, rank)))
+
+
+def _fallback_backward(dy, x, pool_a, index_a, pool_b, index_b, scale, h, need_dx, need_dpool_a,
+                       need_dpool_b):
+    _, _, _, rank, shards = _dims(x, pool_a, index_a, pool_b)
+    a, bt = _assembled(pool_a, index_a, pool_b, index_b, rank)
+    dy = dy.to(x.dtype)
+    g = (dy @ bt.T).mul_(scale)
+    dx = g @ a if need_dx else None
+    dpool_a = dpool_b = None
+    if need_dpool_a:
+        da = (g.T @ x).reshape(rank * shards, -1)
+        dpool_a = torch.zeros_like(pool_a).index_add_(0, index_a.long(), da)
+    if need_dpool_b:
+        h = x @ a.T if h is None else h
+        dbt = (h.T @ dy).mul_(scale).reshape(rank * shards, -1)
+        dpool_b = torch.zeros_like(pool_b).index_add_(0, index_b.long(), dbt)
+    return dx, dpool_a, dpool_b
+
+
+# ---------------------------------------------------------------------------- eager autograd
+
+
+class _AdapterLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pool_a, index_a, pool_b, index_b, scale, base, save_h):
+        y, h = _forward_impl(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
+        ctx.save_for_backward(x, pool_a, index_a, pool_b, index_b, h if save_h else None)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, pool_a, index_a, pool_b, index_b, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dpool_a, dpool_b = _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, ctx.scale, h,
+                                              need[0], need[1], need[3])
+        dbase = dy if need[6] else None
+        return dx, dpool_a, None, dpool_b, None, None, dbase, None
+
+
+# ---------------------------------------------------------------------------- custom ops (compile)
+
+
+@torch.library.custom_op("mos::linear_forward", mutates_args=())
+def _linear_forward_op(x: torch.Tensor, pool_a: torch.Tensor, index_a: torch.Tensor,
+                       pool_b: torch.Tensor, index_b: torch.Tensor, scale: float,
+                       base: Optional[torch.Tensor], save_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
+
+
+@_linear_forward_op.register_fake
+def _(x, pool_a, index_a, pool_b, index_b, scale, base, save_h):
+    n_rows, _, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
+    return x.new_empty((n_rows, d_out)), x.new_empty((n_rows if save_h else 0, rank))
+
+
+@torch.library.custom_op("mos::linear_backward", mutates_args=())
+def _linear_backward_op(dy: torch.Tensor, x: torch.Tensor, pool_a: torch.Tensor,
+                        index_a: torch.Tensor, pool_b: torch.Tensor, index_b: torch.Tensor,
+                        scale: float, h: torch.Tensor, need_dx: bool, need_dpool_a: bool,
+                        need_dpool_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dpool_a, dpool_b = _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, scale,
+                                          h if h.shape[0] else None, need_dx, need_dpool_a, need_dpool_b)
+    # Custom ops cannot return None: an empty tensor stands for "not computed".
+    empty = x.new_empty((0,))
+    return (dx if need_dx else empty,
+            dpool_a if need_dpool_a else pool_a.new_empty((0,)),
+            dpool_b if need_dpool_b else pool_b.new_empty((0,)))
+
+
+@_linear_backward_op.register_fake
+def _(dy, x, pool_a, index_a, pool_b, index_b, scale, h, need_dx, need_dpool_a, need_dpool_b):
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            pool_a.new_empty(pool_a.shape if need_dpool_a else (0,)),
+            pool_b.new_empty(pool_b.shape if need_dpool_b else (0,)))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, pool_a, index_a, pool_b, index_b, scale, base, save_h = inputs
+    _, h = output
+    ctx.save_for_backward(x, pool_a, index_a, pool_b, index_b, h)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(h)
+
+
+def _op_backward(ctx, dy, _dh):
+    x, pool_a, index_a, pool_b, index_b, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dpool_a, dpool_b = torch.ops.mos.linear_backward(dy, x, pool_a, index_a, pool_b, index_b,
+                                                          ctx.scale, h, need[0], need[1], need[3])
+    return (dx if need[0] else None, dpool_a if need[1] else None, None,
+            dpool_b if need[3] else None, None, None, dy if need[6] else None, None)
+
+
+_linear_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ---------------------------------------------------------------------------- public entry point
+
+
+def adapter_linear(x: torch.Tensor, pool_a: torch.Tensor, index_a: torch.Tensor, pool_b: torch.Tensor,
+                   index_b: torch.Tensor, scale: float, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """base + scale * (x A^T) B^T over the last dimension of x (leading dimensions are rows).
+
+    x, the pools and base share one dtype and device; index_a/index_b are one layer's int32
+    tables. Differentiable in x, both pools and base; the index tables never get gradients."""
+    d_in = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in)
+    base2 = None if base is None else base.reshape(-1, base.shape[-1])
+    _check_inputs(x2, pool_a, index_a, pool_b, index_b, base2)
+    # x A^T is only needed again for B's gradient; keep it (N x r, small) instead of recomputing.
+    save_h = torch.is_grad_enabled() and pool_b.requires_grad
+    scale = float(scale)
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.mos.linear_forward(x2, pool_a, index_a, pool_b, index_b, scale, base2, save_h)
+    else:
+        y = _AdapterLinear.apply(x2, pool_a, index_a, pool_b, index_b, scale, base2, save_h)
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,101 @@
+"""Bad configs, targets and adapter names raise clear errors and leave the model as it was."""
+import pytest
+import torch
+from torch import nn
+
+import mos
+from mos.torch import MoSLinear, get_mos_model
+from torch_helpers import make_llama, mos_config
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()]
+
+
+def _assert_unchanged(model, snapshot):
+    state, flags = snapshot
+    assert not any(isinstance(m, MoSLinear) for m in model.modules())
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(target_modules=["nothing_here"]), r"matched no module of LlamaForCausalLM \(its linear module names: "),
+    (dict(target_modules=r"model\.layers\.9\..*"), "matched no module"),
+    (dict(target_modules=["mlp"]), "matches 'model.layers.0.mlp', a LlamaMLP; MoS adapts nn.Linear layers only"),
+    (dict(target_modules="(unclosed"), "target_modules: invalid regex"),
+    (dict(target_modules=[""]), "non-empty module names"),
+    (dict(target_modules=["q_proj"], shards_per_vector=3), r"module type 'q_proj' \(32 -> 32, 2 layers\): .*"),
+    (dict(target_modules=["q_proj"], r=8), r"module type 'q_proj'.*must be <= public shards"),
+    (dict(target_modules=["q_proj"], subset_selection=False), "module type 'q_proj'"),
+    (dict(target_modules=["q_proj"], layer_pattern=r"\.\d+\."), "needs a group capturing the layer index"),
+])
+def test_bad_targets_and_configs_raise_and_change_nothing(overrides, message):
+    base = make_llama()
+    snapshot = _snapshot(base)
+    with pytest.raises(ValueError, match=message):
+        get_mos_model(base, mos_config(**overrides))
+    _assert_unchanged(base, snapshot)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(private_rank=5), "private_rank=5 must be <= equivalent_rank=3"),
+    (dict(lora_dropout=1.5), "lora_dropout must be in"),
+    (dict(lora_alpha=float("nan")), "lora_alpha must be a finite number"),
+    (dict(pool_dtype="int8"), "pool_dtype must be"),
+    (dict(r=0), "r must be >= 1"),
+])
+def test_invalid_config_values_raise_at_creation(fields, message):
+    with pytest.raises(ValueError, match=message):
+        mos_config(**fields)
+
+
+def test_one_type_must_share_its_shapes():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.ModuleDict({"proj": nn.Linear(8, 8)})
+            self.b = nn.ModuleDict({"proj": nn.Linear(8, 16)})
+
+    base = Net()
+    snapshot = _snapshot(base)
+    cfg = mos.MoSConfig(r=2, equivalent_rank=2, private_rank=0, target_modules=["proj"])
+    with pytest.raises(ValueError, match=r"module type 'proj': 'b.proj' is 8 -> 16 but 'a.proj' is 8 -> 8"):
+        get_mos_model(base, cfg)
+    _assert_unchanged(base, snapshot)
+    model = get_mos_model(base, mos.MoSConfig(r=2, equivalent_rank=2, private_rank=0, target_modules=r"a\.proj"))
+    assert isinstance(base.a.proj, MoSLinear) and not isinstance(base.b.proj, MoSLinear)
+    assert model.mos_pools["default"]["proj"].n_layers == 1
+
+
+def test_unknown_default_targets_need_target_modules():
+    base = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="target_modules is None and there is no default"):
+        get_mos_model(base, mos.MoSConfig(r=1, equivalent_rank=1, private_rank=0))
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "train", 3])
+def test_bad_adapter_names(name):
+    model = get_mos_model(make_llama(), mos_config(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="adapter name"):
+        model.add_adapter(name, mos_config(target_modules=["q_proj"]))
+    assert set(model.peft_config) == {"default"}
+
+
+def test_adapter_bookkeeping_errors():
+    model = get_mos_model(make_llama(), mos_config(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", mos_config(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="unknown adapter 'x'"):
+        model.set_adapter("x")
+    with pytest.raises(ValueError, match="unknown adapter 'x'"):
+        model.delete_adapter("x")
+    with pytest.raises(TypeError, match="already a MoSModel"):
+        get_mos_model(model, mos_config())
+    with pytest.raises(TypeError, match="config must be a MoSConfig"):
+        model.add_adapter("other", {"r": 4})
+    failing = mos_config(target_modules=["nothing"])
+    with pytest.raises(ValueError, match="matched no module"):
+        model.add_adapter("other", failing)
+    assert set(model.peft_config) == {"default"} and set(model.mos_pools) == {"default"}

@@ -1,0 +1,68 @@
+"""Scale-out: non-reentrant gradient checkpointing and DistributedDataParallel (gloo, 2 CPU processes)."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ddp_worker
+from mos.torch import get_mos_model
+from torch_helpers import llama_inputs, make_llama, mos_config
+
+
+def _model():
+    return get_mos_model(make_llama(), mos_config(init_lora_weights=False))
+
+
+def _pool_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _count_calls(layer):
+    calls = []
+    layer.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_non_reentrant_gradient_checkpointing_gives_the_same_gradients():
+    ids = llama_inputs()
+    plain = _model().train()
+    plain_calls = _count_calls(plain.base_model.model.layers[0].self_attn.q_proj)
+    plain(ids, labels=ids).loss.backward()
+
+    checkpointed = _model().train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = _count_calls(checkpointed.base_model.model.layers[0].self_attn.q_proj)
+    checkpointed(ids, labels=ids).loss.backward()
+
+    assert len(plain_calls) == 1 and len(calls) == 2  # the layer really was recomputed in backward
+    expected = _pool_grads(plain)
+    got = _pool_grads(checkpointed)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_ddp_two_processes_equal_single_process_on_the_global_batch(tmp_path):
+    out_path = str(tmp_path / "ddp_pools.pt")
+    mp.spawn(ddp_worker.worker, args=(_free_port(), out_path), nprocs=ddp_worker.WORLD, join=True)
+    ddp_pools = torch.load(out_path)
+
+    single = ddp_worker.make_model().train()
+    start = {k: v.clone() for k, v in single.mos_pools.state_dict().items()}
+    ddp_worker.train(single, ddp_worker.global_batches())
+    expected = single.mos_pools.state_dict()
+    assert ddp_pools.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(ddp_pools[key], value, rtol=0, atol=1e-6, msg=key)
+        if "pool_" in key:
+            assert not torch.equal(value, start[key]), key  # training moved every pool
+    assert len(expected) == 8  # fc1 and fc2: two pools and two index tables each
