@@ -219,3 +219,20 @@ def test_generate_and_attribute_pass_through():
     merged = model.merge_and_unload()
     assert torch.equal(out, merged.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
     assert out.shape == (1, 8) and not torch.equal(out, base_out)
+
+
+def test_deepcopy_keeps_pools_shared_between_layers_and_model():
+    import copy
+
+    model = get_mos_model(make_llama(), mos_config(target_modules=["q_proj"]))
+    randomize_pools(model)
+    clone = copy.deepcopy(model)
+    pools = clone.mos_pools["default"]["q_proj"]
+    assert pools is not model.mos_pools["default"]["q_proj"]
+    for block in clone.base_model.model.layers:
+        assert block.self_attn.q_proj.slot("default").pools is pools
+    ids = llama_inputs()
+    torch.testing.assert_close(logits(clone, ids), logits(model, ids), rtol=0, atol=0)
+    with torch.no_grad():
+        pools.pool_b.zero_()
+    torch.testing.assert_close(logits(clone, ids), logits(make_llama(), ids), rtol=0, atol=0)
