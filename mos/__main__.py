@@ -14,6 +14,8 @@ import sys
 COMMANDS = {
     "demo": ("mos.demo", "fine-tune a small Llama with MoS and with LoRA on CPython's own sources "
                          "and compare them"),
+    "serve-demo": ("mos.serve_demo", "serve several adapters of one base model in one mixed batch "
+                                     "and compare with single-adapter runs and LoRA's memory"),
 }
 
 

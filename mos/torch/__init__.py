@@ -13,5 +13,7 @@ from .layer import MoSLinear
 from .model import MoSModel, get_mos_model
 from .ops import adapter_linear
 from .pools import SharedPools
+from .serving import AdapterStore
 
-__all__ = ["MoSLinear", "MoSModel", "SharedPools", "adapter_linear", "export_lora", "get_mos_model"]
+__all__ = ["AdapterStore", "MoSLinear", "MoSModel", "SharedPools", "adapter_linear", "export_lora",
+           "get_mos_model"]

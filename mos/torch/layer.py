@@ -40,6 +40,7 @@ class MoSLinear(nn.Module):
         self.disable_adapters = False
         self.merged_adapters = []
         self._slots = {}  # adapter name -> _AdapterSlot; a plain dict so nothing is registered twice
+        self._mixed_batch = None  # set by mos.torch.serving while a mixed-adapter batch runs
 
     # ------------------------------------------------------------------ passthrough
     @property
@@ -104,9 +105,13 @@ class MoSLinear(nn.Module):
         #   adapters disabled               -> base layer only (unmerging first if merged)
         #   active adapter merged or absent -> base layer only (its update is in the weight, or none)
         #   otherwise                       -> base layer + adapter update
-        # adapter_names is the hook for per-sample adapters in mixed batches (serving).
+        #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (serving.py)
+        if self._mixed_batch is not None:
+            return self._mixed_batch.forward(self, x, *args, **kwargs)
         if adapter_names is not None:
-            raise NotImplementedError("per-sample adapter_names (mixed-adapter batches) is not supported yet")
+            raise NotImplementedError("a single MoSLinear does not take adapter_names; pass them to the "
+                                      "MoSModel (model(..., adapter_names=[...]) or model.generate(...)), "
+                                      "which runs every adapted layer for the whole batch")
         if self.disable_adapters:
             if self.merged_adapters:
                 self.unmerge()

@@ -54,11 +54,28 @@ class MoSModel(nn.Module):
             return getattr(self._modules["base_model"], name)
 
     # ------------------------------------------------------------------ running
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is not None:  # one adapter per sample, "__base__" for none (serving.py)
+            from .serving import mixed_batch
+            with mixed_batch(self, adapter_names, args, kwargs):
+                return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is not None:
+            from .serving import mixed_batch
+            with mixed_batch(self, adapter_names, args, kwargs):
+                return self.base_model.generate(*args, **kwargs)
         return self.base_model.generate(*args, **kwargs)
+
+    @property
+    def adapter_store(self):
+        """The AdapterStore that packs this model's adapters for mixed batches (made on first use)."""
+        store = self.__dict__.get("_adapter_store")
+        if store is None:
+            from .serving import AdapterStore
+            store = self.__dict__["_adapter_store"] = AdapterStore(self)
+        return store
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
