@@ -16,6 +16,7 @@ the same semantics, so a layer works everywhere and is fast where the core runs.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -30,6 +31,14 @@ _CORE_DTYPES = {
 }
 _CUDA_BUILT = bool(_C.build_info()["cuda"])
 _DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
+
+# Next to torch, torch's thread pool owns the cores. The adapter's GEMMs are thin (rank r) and
+# memory-bound, while a second, busy-waiting BLAS pool fights torch's for the same cores (one
+# d=1024, N=256, r=8 call: 0.5 ms single-threaded, 56 ms with 2 threads on a busy 2-core machine).
+# So the core's BLAS runs single-threaded unless the user chose a count (OPENBLAS_NUM_THREADS, or
+# mos.set_num_threads() after this import).
+if "OPENBLAS_NUM_THREADS" not in os.environ:
+    _C.set_num_threads(1)
 
 
 def core_supports(tensor: torch.Tensor) -> bool:
