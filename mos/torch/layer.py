@@ -19,6 +19,18 @@ class _AdapterSlot:
     pools: SharedPools
     position: int
     scaling: float
+    rows: tuple = ()  # cached (index_a, index_b, this layer's row of each); rebuilt when buffers change
+
+    def index_rows(self):
+        """This layer's rows of the index tables, as views cached across calls (saves two
+        indexing ops per forward; rebuilt when .to() or a load replaces the table buffers)."""
+        index_a, index_b = self.pools.index_a, self.pools.index_b
+        if torch.compiler.is_compiling():
+            return index_a[self.position], index_b[self.position]
+        rows = self.rows
+        if not rows or rows[0] is not index_a or rows[1] is not index_b:
+            rows = self.rows = (index_a, index_b, index_a[self.position], index_b[self.position])
+        return rows[2], rows[3]
 
 
 class MoSLinear(nn.Module):
@@ -126,7 +138,7 @@ class MoSLinear(nn.Module):
         slot = self._slots[name]
         pools = slot.pools
         pool_a, pool_b = pools.pool_a, pools.pool_b
-        index_a, index_b = pools.index_a[slot.position], pools.index_b[slot.position]
+        index_a, index_b = slot.index_rows()
         if pool_a.device != x.device:  # layers spread over devices by a device map share one pool
             pool_a, pool_b = pool_a.to(x.device), pool_b.to(x.device)
             index_a, index_b = index_a.to(x.device), index_b.to(x.device)

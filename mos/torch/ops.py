@@ -121,16 +121,18 @@ def _as_rows(t):
 
 
 def _check_inputs(x, pool_a, index_a, pool_b, index_b, base):
-    if x.dim() != 2:
-        raise ValueError(f"x: expected (rows, d_in), got shape {tuple(x.shape)}")
+    dtype = x.dtype
+    if (pool_a.dtype == dtype and pool_b.dtype == dtype and (base is None or base.dtype == dtype)
+            and index_a.dtype == torch.int32 and index_b.dtype == torch.int32 and index_a.dim() == 1
+            and index_b.dim() == 1 and pool_a.shape[1] and not x.shape[1] % pool_a.shape[1]):
+        return  # the common case, checked cheaply; the core validates sizes and ranges itself
     for name, t in (("pool_a", pool_a), ("pool_b", pool_b), ("base", base)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}; cast x to the pools' dtype")
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from x's {dtype}; cast x to the pools' dtype")
     for name, t in (("index_a", index_a), ("index_b", index_b)):
         if t.dtype != torch.int32 or t.dim() != 1:
             raise TypeError(f"{name}: expected a 1-D int32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
-    if pool_a.shape[1] == 0 or x.shape[1] % pool_a.shape[1]:
-        raise ValueError(f"pool_a: shard length {pool_a.shape[1]} must divide d_in = {x.shape[1]}")
+    raise ValueError(f"pool_a: shard length {pool_a.shape[1]} must divide d_in = {x.shape[1]}")
 
 
 # ---------------------------------------------------------------------------- implementations
@@ -138,7 +140,7 @@ def _check_inputs(x, pool_a, index_a, pool_b, index_b, base):
 
 def _forward_impl(x, pool_a, index_a, pool_b, index_b, scale: float, base, save_h: bool):
     """(y, h): y = base + scale (x A^T) B^T as a new (N, d_out) tensor; h = x A^T (N, r) when
-    save_h, else an empty (0, r) tensor."""
+    save_h, else None."""
     n_rows, d_in, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
     if not core_supports(x):
         return _fallback_forward(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
@@ -147,10 +149,9 @@ def _forward_impl(x, pool_a, index_a, pool_b, index_b, scale: float, base, save_
         y = x.new_zeros((n_rows, d_out))
     else:
         y = base.clone(memory_format=torch.contiguous_format)
-    h = x.new_empty((n_rows, rank)) if save_h else x.new_empty((0, rank))
+    h = x.new_empty((n_rows, rank)) if save_h else None
     _C.linear_forward(_export(y), _export(x), _export(pool_a.contiguous()), _export(index_a),
-                      _export(pool_b.contiguous()), _export(index_b), scale,
-                      h=_export(h) if save_h else None,
+                      _export(pool_b.contiguous()), _export(index_b), scale, h=_export(h),
                       **_launch_options(x, n_rows, d_in, d_out, rank, False, save_h))
     return y, h
 
@@ -189,7 +190,7 @@ def _fallback_forward(x, pool_a, index_a, pool_b, index_b, scale, base, save_h):
     a, bt = _assembled(pool_a, index_a, pool_b, index_b, rank)
     h = x @ a.T
     y = torch.addmm(base, h, bt, alpha=scale) if base is not None else (h @ bt).mul_(scale)
-    return y, (h if save_h else x.new_empty((0, rank)))
+    return y, (h if save_h else None)
 
 
 def _fallback_backward(dy, x, pool_a, index_a, pool_b, index_b, scale, h, need_dx, need_dpool_a,
@@ -217,7 +218,7 @@ class _AdapterLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pool_a, index_a, pool_b, index_b, scale, base, save_h):
         y, h = _forward_impl(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
-        ctx.save_for_backward(x, pool_a, index_a, pool_b, index_b, h if save_h else None)
+        ctx.save_for_backward(x, pool_a, index_a, pool_b, index_b, h)
         ctx.scale = scale
         return y
 
@@ -238,7 +239,10 @@ class _AdapterLinear(torch.autograd.Function):
 def _linear_forward_op(x: torch.Tensor, pool_a: torch.Tensor, index_a: torch.Tensor,
                        pool_b: torch.Tensor, index_b: torch.Tensor, scale: float,
                        base: Optional[torch.Tensor], save_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
+    y, h = _forward_impl(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
+    if h is None:  # custom ops return tensors: an empty (0, r) one stands for "not kept"
+        h = x.new_empty((0, _dims(x, pool_a, index_a, pool_b)[3]))
+    return y, h
 
 
 @_linear_forward_op.register_fake
@@ -297,10 +301,9 @@ def adapter_linear(x: torch.Tensor, pool_a: torch.Tensor, index_a: torch.Tensor,
 
     x, the pools and base share one dtype and device; index_a/index_b are one layer's int32
     tables. Differentiable in x, both pools and base; the index tables never get gradients."""
-    d_in = x.shape[-1]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in)
-    base2 = None if base is None else base.reshape(-1, base.shape[-1])
+    flat = x.dim() != 2
+    x2 = x.reshape(-1, x.shape[-1]) if flat else x
+    base2 = base.reshape(-1, base.shape[-1]) if flat and base is not None else base
     _check_inputs(x2, pool_a, index_a, pool_b, index_b, base2)
     # x A^T is only needed again for B's gradient; keep it (N x r, small) instead of recomputing.
     save_h = torch.is_grad_enabled() and pool_b.requires_grad
@@ -309,4 +312,4 @@ def adapter_linear(x: torch.Tensor, pool_a: torch.Tensor, index_a: torch.Tensor,
         y, _ = torch.ops.mos.linear_forward(x2, pool_a, index_a, pool_b, index_b, scale, base2, save_h)
     else:
         y = _AdapterLinear.apply(x2, pool_a, index_a, pool_b, index_b, scale, base2, save_h)
-    return y.reshape(*lead, y.shape[-1])
+    return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
