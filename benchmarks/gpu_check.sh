@@ -15,3 +15,5 @@ $PY -c "import mos, torch; assert mos.build_info()['cuda'] and torch.cuda.is_ava
 # every device-parametrized test, cuda included (core ops, CUDA-only checks, torch layer)
 timeout 300 $PY -m pytest -q -x tests -k "cuda" -p no:cacheprovider
 timeout 180 $PY benchmarks/gpu_bench.py "$@"
+# serving: batched many-adapter forward vs PEFT mixed batches, decode bandwidth, skewed vs single adapter
+timeout 150 $PY benchmarks/bench_serving.py --device cuda --adapters 1 64 512 --runs 10

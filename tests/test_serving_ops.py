@@ -373,3 +373,81 @@ def test_bad_arguments_to_the_python_wrapper():
     with pytest.raises(TypeError, match="unexpected keyword argument 'segment'"):
         _C.batched_forward(args["y"], args["x"], args["pool_a"], args["index_a"], args["pool_b"],
                            args["index_b"], args["scales"], args["adapter_ids"], segment=None)
+
+
+# ---------------------------------------------------------------- CUDA only (skipped without a GPU)
+
+def _cuda_torch():
+    torch = pytest.importorskip("torch")
+    if not (mos.build_info()["cuda"] and torch.cuda.is_available()):
+        pytest.skip("mos built without CUDA or no GPU visible")
+    return torch
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cuda_graph_capture_replays_with_new_ids(grouped):
+    """No host sync and no allocation: a captured call replays with ids written in place."""
+    torch = _cuda_torch()
+    rng = np.random.default_rng(21)
+    adapters = Adapters(16, seed=21)
+    n = 40
+    args = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in adapters.args().items()}
+    x_np = rng.standard_normal((n, D_IN)).astype(np.float32)
+    x = torch.from_numpy(x_np).cuda()
+    y = torch.zeros(n, D_OUT, device="cuda")
+    ids = torch.zeros(n, dtype=torch.int32, device="cuda")
+    workspace = torch.empty(F.batched_workspace_bytes(n, adapters.max_rank, 4, grouped),
+                            dtype=torch.uint8, device="cuda")
+
+    def step():
+        y.zero_()
+        _C.batched_forward(y, x, args["pool_a"], args["index_a"], args["pool_b"], args["index_b"],
+                           args["scales"], ids, grouped=grouped, workspace=workspace,
+                           stream=torch.cuda.current_stream().cuda_stream or 1)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for mix in MIXES:
+        new_ids = adapter_ids(mix, 16, n, rng)
+        if grouped:
+            new_ids = np.sort(new_ids)
+        ids.copy_(torch.from_numpy(new_ids))
+        graph.replay()
+        torch.cuda.synchronize()
+        zeros = np.zeros((n, D_OUT))
+        assert_rows_close(y.cpu().numpy(), adapters.expected(x_np, zeros, new_ids),
+                          adapters.bound(x_np, zeros, new_ids), 1e-5, f"replay {mix}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("strategy", ["per_row", "grouped"])
+def test_cuda_16_bit_error_within_twice_a_naive_computation(dtype, strategy):
+    torch = _cuda_torch()
+    tdtype = getattr(torch, dtype)
+    rng = np.random.default_rng(4)
+    adapters = Adapters(9, dtype=np.float64, seed=4)
+    n = 70
+    ids = adapter_ids("uniform", 9, n, rng)
+    x = rng.standard_normal((n, D_IN))
+    want = adapters.expected(x, np.zeros((n, D_OUT)), ids)
+    to16 = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to("cuda", tdtype)  # noqa: E731
+    got = F.batched_forward(to16(x), to16(adapters.pool_a), torch.from_numpy(adapters.index_a).cuda(),
+                            to16(adapters.pool_b), torch.from_numpy(adapters.index_b).cuda(),
+                            torch.from_numpy(adapters.scales).cuda(), torch.from_numpy(ids).cuda(),
+                            strategy=strategy)
+    naive = np.zeros((n, D_OUT))
+    for a in np.unique(ids[ids >= 0]):
+        rows = np.flatnonzero(ids == a)
+        pa, pb, ia, ib, s, r = adapters.own[a]
+        A = to16(pa)[torch.from_numpy(ia).long().cuda()].reshape(r, D_IN)
+        Bt = to16(pb)[torch.from_numpy(ib).long().cuda()].reshape(r, D_OUT)
+        naive[rows] = ((to16(x[rows]) @ A.T) @ Bt * s).double().cpu().numpy()
+    err = np.abs(got.double().cpu().numpy() - want).max()
+    err_naive = np.abs(naive - want).max()
+    assert err <= 2 * err_naive + 1e-6, f"{dtype} {strategy}: {err:.3g} vs naive {err_naive:.3g}"

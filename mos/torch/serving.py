@@ -298,19 +298,25 @@ def plan_rows(sample_slots, rows_per_sample: int, device):
     Grouped (one assembly per group) when samples are long (prefill: each sample's rows are one
     segment, adjacent samples of one adapter merged); on CPU also when adapters repeat across many
     short samples (the core then groups rows by adapter itself); otherwise per-row (decode)."""
-    from ..functional import segments_of
-
+    device = torch.device(device)
     slots = np.asarray(sample_slots, dtype=np.int32)
-    ids = np.repeat(slots, rows_per_sample)
-    segments = None
+    ids = slots if rows_per_sample == 1 else np.repeat(slots, rows_per_sample)
+    segments, grouped = None, False
     if rows_per_sample > _GROUPED_MIN_ROWS:
+        from ..functional import segments_of
+
         grouped = True
-        segments = torch.from_numpy(segments_of(ids)).to(device)
-    else:
-        active = slots[slots >= 0]
-        grouped = torch.device(device).type == "cpu" and \
-            active.size * rows_per_sample > _GROUPED_MIN_ROWS * max(np.unique(active).size, 1)
-    return torch.from_numpy(ids).to(device), segments, grouped
+        segments = torch.from_numpy(segments_of(ids))
+    elif device.type == "cpu":
+        active = int(np.count_nonzero(slots >= 0)) * rows_per_sample
+        if active > _GROUPED_MIN_ROWS:
+            distinct = len(set(slots[slots >= 0].tolist()))
+            grouped = active > _GROUPED_MIN_ROWS * distinct
+    ids = torch.from_numpy(ids)
+    if device.type != "cpu":
+        ids = ids.to(device)
+        segments = None if segments is None else segments.to(device)
+    return ids, segments, grouped
 
 
 class _MixedBatch:
@@ -330,7 +336,8 @@ class _MixedBatch:
                 raise ValueError(f"adapter_names has {n_samples} entries but a layer sees {n_rows} "
                                  f"rows, not a multiple: pass one adapter name per sample of the batch")
             # HF expands beams and returned sequences sample by sample, keeping rows sample-major.
-            cached = plan_rows(self.sample_slots, n_rows // n_samples, device)
+            ids, segments, grouped = plan_rows(self.sample_slots, n_rows // n_samples, device)
+            cached = (ids, segments, grouped, _export(ids), _export(segments))
             self._rows[key] = cached
         return cached
 
@@ -341,7 +348,7 @@ class _MixedBatch:
             return result
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
-        ids, segments, grouped = self.rows(x2.shape[0], x.device)
+        ids, segments, grouped, ids_handle, segments_handle = self.rows(x2.shape[0], x.device)
         pool_dtype = packs[0].pack.pool_a.dtype
         if packs[0].pack.pool_a.device != x.device:
             raise ValueError(f"{layer.module_type}: the pools are on {packs[0].pack.pool_a.device} but "
@@ -354,7 +361,7 @@ class _MixedBatch:
         out2 = result.reshape(-1, result.shape[-1])
         same = out2.dtype == pool_dtype and out2.data_ptr() == result.data_ptr()
         update = out2 if same else adapter_in.new_zeros((x2.shape[0], out2.shape[1]))
-        exported = (_export(update), _export(adapter_in), _export(ids), _export(segments))
+        update_handle, x_handle = _export(update), _export(adapter_in)
         for layer_pack in packs:  # one bank per shards-per-vector value; usually one
             pack = layer_pack.pack
             options = {}
@@ -366,8 +373,8 @@ class _MixedBatch:
                                                            device=x.device))
                 options["stream"] = torch.cuda.current_stream(x.device).cuda_stream or 1
             pool_a, index_a, pool_b, index_b, scales, ranks = layer_pack.exported()
-            _C.batched_forward(exported[0], exported[1], pool_a, index_a, pool_b, index_b, scales,
-                               exported[2], ranks=ranks, grouped=grouped, segments=exported[3],
+            _C.batched_forward(update_handle, x_handle, pool_a, index_a, pool_b, index_b, scales,
+                               ids_handle, ranks=ranks, grouped=grouped, segments=segments_handle,
                                **options)
         if same:
             return result
