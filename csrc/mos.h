@@ -194,9 +194,10 @@ mos_status mos_linear_backward(const mos_linear_params *p);
 
 /* Many adapters of one module type and one layer in one call (serving):
  *   for every row n with a = adapter_ids[n] >= 0:  y[n] += scales[a] * (x[n] A_a^T) B_a^T
- * Layout: the K adapters' pools are concatenated into one A-pool and one B-pool of common shard
- * granularity l (an adapter cut into l' | l shards per vector is re-expressed at granularity l by
- * viewing its (N, d/l') pool as (N l/l', d/l) rows and splitting each index into l/l' indices).
+ * Layout: the K adapters' pools are concatenated into one A-pool and one B-pool of one shard
+ * length, d / l (adapters with other l go to another call, or are re-expressed at granularity l
+ * when l' divides l: an (N, d/l') pool is the (N l/l', d/l) pool, each index e becomes
+ * e l/l' + 0 .. l/l' - 1).
  * index_a / index_b are (K, max_rank * l) row-major, already offset into the concatenated pools;
  * adapter a uses the first ranks[a] * l entries of its row (all max_rank * l when ranks is NULL).
  * Strategies (same numbers, different cost):

@@ -188,6 +188,30 @@ def test_strided_rows_and_3d_input(device, strategy):
                       1e-5, "y3")
 
 
+def test_adapters_of_coarser_shards_served_at_a_finer_granularity():
+    """An adapter cut into l' shards per vector joins pools of l (l' | l) as the same memory viewed
+    as finer shards, each index e becoming e * l/l' + 0 .. l/l' - 1 (mos.h)."""
+    rng = np.random.default_rng(13)
+    coarse, fine = Adapters(3, seed=1, l=1), Adapters(2, seed=2, l=2)
+    step = 2
+    refine = lambda t: (t.astype(np.int64)[..., None] * step + np.arange(step)).reshape(t.shape[0], -1)  # noqa: E731
+    pool_a = np.concatenate([coarse.pool_a.reshape(-1, D_IN // 2), fine.pool_a])
+    pool_b = np.concatenate([coarse.pool_b.reshape(-1, D_OUT // 2), fine.pool_b])
+    off_a, off_b = coarse.pool_a.shape[0] * step, coarse.pool_b.shape[0] * step
+    index_a = np.concatenate([refine(coarse.index_a), fine.index_a + off_a]).astype(np.int32)
+    index_b = np.concatenate([refine(coarse.index_b), fine.index_b + off_b]).astype(np.int32)
+    scales = np.concatenate([coarse.scales, fine.scales])
+    ids = rng.integers(-1, 5, 40).astype(np.int32)
+    x = rng.standard_normal((40, D_IN)).astype(np.float32)
+    got = F.batched_forward(x, pool_a, index_a, pool_b, index_b, scales, ids)
+    zeros = np.zeros((40, D_OUT))
+    for a, (adapters, k) in enumerate([(coarse, 0), (coarse, 1), (coarse, 2), (fine, 0), (fine, 1)]):
+        rows = ids == a
+        sub = np.where(rows, k, -1).astype(np.int32)
+        assert_rows_close(got[rows], adapters.expected(x, zeros, sub)[rows],
+                          adapters.bound(x, zeros, sub)[rows], 1e-5, f"adapter {a}")
+
+
 def test_strategies_agree_and_auto_picks_one():
     rng = np.random.default_rng(8)
     adapters = Adapters(6, seed=6)
