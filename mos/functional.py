@@ -135,8 +135,8 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
     `scales` is (K,) float32 or float64; `adapter_ids` has one int32 id per row of x (leading
     dimensions flattened). `strategy`: "per_row" (every row reads its adapter's shards), "grouped"
     (rows of one adapter share one assembly; `segments` gives the groups as row offsets, else they
-    are found from the ids) or "auto" (grouped when `segments` is given or, on CPU, when groups
-    average more than 4 rows)."""
+    are found from the ids) or "auto" (grouped when `segments` is given or, on CPU, when some
+    adapter has several rows)."""
     if strategy not in ("auto", "per_row", "grouped"):
         raise ValueError(f"strategy must be 'auto', 'per_row' or 'grouped', got {strategy!r}")
     x2 = _rows(x, "x")
@@ -200,7 +200,7 @@ def _auto_grouped(x, adapter_ids, segments):
         return False
     ids = np.asarray(adapter_ids if isinstance(adapter_ids, np.ndarray) else adapter_ids.cpu())
     active = ids[ids >= 0]
-    return active.size > 4 * max(len(np.unique(active)), 1)
+    return active.size > len(np.unique(active))  # some adapter has several rows
 
 
 def _is_cuda(a):

@@ -296,8 +296,8 @@ def plan_rows(sample_slots, rows_per_sample: int, device):
     """(ids, segments, grouped) of a batched call over samples that hold rows_per_sample rows each.
 
     Grouped (one assembly per group) when samples are long (prefill: each sample's rows are one
-    segment, adjacent samples of one adapter merged); on CPU also when adapters repeat across many
-    short samples (the core then groups rows by adapter itself); otherwise per-row (decode)."""
+    segment, adjacent samples of one adapter merged); on CPU also whenever an adapter has several
+    rows (the core then groups rows by adapter itself); otherwise per-row (decode)."""
     device = torch.device(device)
     slots = np.asarray(sample_slots, dtype=np.int32)
     ids = slots if rows_per_sample == 1 else np.repeat(slots, rows_per_sample)
@@ -308,10 +308,10 @@ def plan_rows(sample_slots, rows_per_sample: int, device):
         grouped = True
         segments = torch.from_numpy(segments_of(ids))
     elif device.type == "cpu":
+        # Grouping by adapter keeps an adapter's shards in cache across its rows (and gives groups
+        # of more than four rows one assembly and two GEMMs); it only costs when no adapter repeats.
         active = int(np.count_nonzero(slots >= 0)) * rows_per_sample
-        if active > _GROUPED_MIN_ROWS:
-            distinct = len(set(slots[slots >= 0].tolist()))
-            grouped = active > _GROUPED_MIN_ROWS * distinct
+        grouped = active > 1 and (rows_per_sample > 1 or active > len(set(slots[slots >= 0].tolist())))
     ids = torch.from_numpy(ids)
     if device.type != "cpu":
         ids = ids.to(device)
