@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mos  # noqa: E402
 from mos import _C  # noqa: E402
 
-from results_md import write_section  # noqa: E402
+from results_md import cpu_name, write_section  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- the two paths
@@ -169,15 +169,7 @@ def fmt_time(s):
 
 
 def machine_description(threads):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     info = mos.build_info()
     return (f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, NumPy {np.__version__}; "

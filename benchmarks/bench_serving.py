@@ -79,7 +79,7 @@ from mos import _C  # noqa: E402
 from mos.torch import serving  # noqa: E402
 from mos.torch.ops import _export  # noqa: E402
 
-from results_md import write_section  # noqa: E402
+from results_md import cpu_name, write_section  # noqa: E402
 
 MIX_NOTE = {"distinct": "row i -> adapter i mod K", "uniform": "uniform random",
             "skewed": "Zipf-like, p(k) ~ k^-1.5", "identical": "all rows one adapter"}
@@ -352,15 +352,7 @@ def run_gpu_extras(args):
 
 
 def machine(args, device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import peft
     import transformers
 

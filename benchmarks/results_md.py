@@ -91,3 +91,17 @@ def write_section(name: str, markdown: str, path: str = RESULTS_PATH) -> str:
                 os.unlink(tmp)
             raise
     return path
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one), for machine lines."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
