@@ -53,12 +53,7 @@
 #include <limits.h>
 #include <stdint.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include "check.h"
-#include "mos.h"
+#include "common.cuh"
 
 #define MOS_SERVE_WARPS 8          /* warps per shrink_rows block */
 #define MOS_SERVE_EXPAND_THREADS 128
@@ -67,49 +62,14 @@
 #define MOS_SERVE_TILE_K 64        /* d_in columns staged per grouped shrink step */
 #define MOS_SERVE_GROUP_THREADS 256
 #define MOS_SERVE_TABLE_THREADS 1024
-#define MOS_SERVE_MAX_DEVICES 64
-
-/* Returns MOS_ERR_CUDA with the CUDA error string when `expr` fails. */
-#define SERVE_CUDA_TRY(expr, what)                                                            \
-    do {                                                                                      \
-        cudaError_t serve_err_ = (expr);                                                      \
-        if (serve_err_ != cudaSuccess)                                                        \
-            return mos_check_fail(MOS_ERR_CUDA, __FILE__, __LINE__, "%s failed: %s (%s)",     \
-                                  (what), cudaGetErrorString(serve_err_),                     \
-                                  cudaGetErrorName(serve_err_));                              \
-    } while (0)
 
 namespace {
 
 /* ================================================================ kernels */
 
-/* V elements of E moved as one aligned load/store. */
-template <typename E, int V> struct alignas(sizeof(E) * V) vec {
-    E v[V];
-};
-
-template <typename T> struct acc_type {
-    typedef float type;
-};
-template <> struct acc_type<double> {
-    typedef double type;
-};
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ double widen(double v) { return v; }
-__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void narrow(float a, float *out) { *out = a; }
-__device__ __forceinline__ void narrow(double a, double *out) { *out = a; }
-__device__ __forceinline__ void narrow(float a, __half *out) { *out = __float2half_rn(a); }
-__device__ __forceinline__ void narrow(float a, __nv_bfloat16 *out) {
-    *out = __float2bfloat16_rn(a);
-}
-
 /* Everything the kernels of one call read, passed by value. */
 template <typename T> struct serve_args {
-    typedef typename acc_type<T>::type acc;
+    typedef typename acc_of<T>::type acc;
     const T *x;
     int64_t x_stride;
     T *y;
@@ -171,10 +131,10 @@ __global__ void __launch_bounds__(MOS_SERVE_WARPS * 32) shrink_rows_kernel(serve
         if (row < 0 || row >= g.n_shards_a) continue; /* an out-of-range index contributes 0 */
         const T *shard = g.pool_a + row * g.sla, *xs = xn + t * g.sla;
         for (int64_t k = (int64_t)lane * V; k < g.sla; k += 32 * V) {
-            const vec<T, V> u = *reinterpret_cast<const vec<T, V> *>(xs + k);
-            const vec<T, V> s = *reinterpret_cast<const vec<T, V> *>(shard + k);
+            const pack<T, V> u = *reinterpret_cast<const pack<T, V> *>(xs + k);
+            const pack<T, V> s = *reinterpret_cast<const pack<T, V> *>(shard + k);
 #pragma unroll
-            for (int e = 0; e < V; ++e) sum += (acc)widen(u.v[e]) * (acc)widen(s.v[e]);
+            for (int e = 0; e < V; ++e) sum += (acc)to_acc(u.v[e]) * (acc)to_acc(s.v[e]);
         }
     }
     sum = warp_sum(sum);
@@ -201,16 +161,16 @@ __global__ void __launch_bounds__(MOS_SERVE_EXPAND_THREADS) expand_rows_kernel(s
     for (int64_t j = 0; j < r; ++j) {
         const int64_t row = ib[j * g.l];
         if (row < 0 || row >= g.n_shards_b) continue;
-        const vec<T, V> b = *reinterpret_cast<const vec<T, V> *>(g.pool_b + row * g.slb + off);
+        const pack<T, V> b = *reinterpret_cast<const pack<T, V> *>(g.pool_b + row * g.slb + off);
         const acc hj = hn[j];
 #pragma unroll
-        for (int e = 0; e < V; ++e) sum[e] += hj * (acc)widen(b.v[e]);
+        for (int e = 0; e < V; ++e) sum[e] += hj * (acc)to_acc(b.v[e]);
     }
     const acc s = scale_of(g, a);
-    vec<T, V> *out = reinterpret_cast<vec<T, V> *>(g.y + n * g.y_stride + c);
-    vec<T, V> yv = *out;
+    pack<T, V> *out = reinterpret_cast<pack<T, V> *>(g.y + n * g.y_stride + c);
+    pack<T, V> yv = *out;
 #pragma unroll
-    for (int e = 0; e < V; ++e) narrow((acc)widen(yv.v[e]) + s * sum[e], &yv.v[e]);
+    for (int e = 0; e < V; ++e) from_acc((acc)to_acc(yv.v[e]) + s * sum[e], &yv.v[e]);
     *out = yv;
 }
 
@@ -332,7 +292,7 @@ __global__ void __launch_bounds__(MOS_SERVE_GROUP_THREADS)
             for (int e = tid; e < MOS_SERVE_TILE_ROWS * MOS_SERVE_TILE_K; e += MOS_SERVE_GROUP_THREADS) {
                 const int mm = e / MOS_SERVE_TILE_K, kk = e % MOS_SERVE_TILE_K;
                 const int64_t row = r0 + mm, k = k0 + kk;
-                xs[mm][kk] = row < r1 && k < g.d_in ? (acc)widen(g.x[row * g.x_stride + k]) : (acc)0;
+                xs[mm][kk] = row < r1 && k < g.d_in ? (acc)to_acc(g.x[row * g.x_stride + k]) : (acc)0;
             }
             for (int e = tid; e < MOS_SERVE_TILE_RANKS * MOS_SERVE_TILE_K; e += MOS_SERVE_GROUP_THREADS) {
                 const int jr = e / MOS_SERVE_TILE_K, kk = e % MOS_SERVE_TILE_K;
@@ -340,7 +300,7 @@ __global__ void __launch_bounds__(MOS_SERVE_GROUP_THREADS)
                 acc v = 0;
                 if (j < r && k < g.d_in) {
                     const int64_t t = k / g.sla, row = ia[j * g.l + t];
-                    if (row >= 0 && row < g.n_shards_a) v = (acc)widen(g.pool_a[row * g.sla + (k - t * g.sla)]);
+                    if (row >= 0 && row < g.n_shards_a) v = (acc)to_acc(g.pool_a[row * g.sla + (k - t * g.sla)]);
                 }
                 as[jr][kk] = v;
             }
@@ -372,7 +332,7 @@ __global__ void __launch_bounds__(MOS_SERVE_GROUP_THREADS)
     for (int64_t j = 0; j < r; ++j) {
         const int64_t row = ib[j * g.l];
         if (row < 0 || row >= g.n_shards_b) continue;
-        const acc b = (acc)widen(g.pool_b[row * g.slb + off]);
+        const acc b = (acc)to_acc(g.pool_b[row * g.slb + off]);
 #pragma unroll
         for (int m = 0; m < MOS_SERVE_TILE_ROWS; ++m)
             if (m < rows) sum[m] += h[m * g.max_rank + j] * b;
@@ -382,7 +342,7 @@ __global__ void __launch_bounds__(MOS_SERVE_GROUP_THREADS)
     for (int m = 0; m < MOS_SERVE_TILE_ROWS; ++m) {
         if (m >= rows) break;
         T *out = g.y + (r0 + m) * g.y_stride + c;
-        narrow((acc)widen(*out) + s * sum[m], out);
+        from_acc((acc)to_acc(*out) + s * sum[m], out);
     }
 }
 
@@ -411,7 +371,7 @@ mos_status launch_per_row(const serve_args<T> &g, cudaStream_t stream) {
         shrink_rows_kernel<T, V><<<(unsigned)blocks, MOS_SERVE_WARPS * 32, 0, stream>>>(g);
     else
         shrink_rows_kernel<T, 1><<<(unsigned)blocks, MOS_SERVE_WARPS * 32, 0, stream>>>(g);
-    SERVE_CUDA_TRY(cudaGetLastError(), "batched shrink (per-row) kernel launch");
+    CUDA_TRY(cudaGetLastError(), "batched shrink (per-row) kernel launch");
     const bool vec_b = can_vectorize<T>(g.slb, g.pool_b, g.y, g.y_stride, g.n_rows);
     const int64_t per_block = (int64_t)MOS_SERVE_EXPAND_THREADS * (vec_b ? V : 1);
     const int64_t col_blocks = (g.d_out + per_block - 1) / per_block;
@@ -423,7 +383,7 @@ mos_status launch_per_row(const serve_args<T> &g, cudaStream_t stream) {
         expand_rows_kernel<T, V><<<grid, MOS_SERVE_EXPAND_THREADS, 0, stream>>>(g);
     else
         expand_rows_kernel<T, 1><<<grid, MOS_SERVE_EXPAND_THREADS, 0, stream>>>(g);
-    SERVE_CUDA_TRY(cudaGetLastError(), "batched expand (per-row) kernel launch");
+    CUDA_TRY(cudaGetLastError(), "batched expand (per-row) kernel launch");
     return MOS_OK;
 }
 
@@ -438,14 +398,14 @@ mos_status launch_grouped(const serve_args<T> &g, const mos_batched_params *p,
     group_tables_kernel<<<1, MOS_SERVE_TABLE_THREADS, 0, stream>>>(
         w->tables, w->max_groups, p->segments, p->n_segments, g.ids, g.n_rows, g.n_adapters,
         g.ranks, MOS_SERVE_TILE_ROWS);
-    SERVE_CUDA_TRY(cudaGetLastError(), "batched group tables kernel launch");
+    CUDA_TRY(cudaGetLastError(), "batched group tables kernel launch");
     shrink_groups_kernel<T><<<(unsigned)tiles, MOS_SERVE_GROUP_THREADS, 0, stream>>>(
         g, w->tables, w->max_groups);
-    SERVE_CUDA_TRY(cudaGetLastError(), "batched shrink (grouped) kernel launch");
+    CUDA_TRY(cudaGetLastError(), "batched shrink (grouped) kernel launch");
     const dim3 grid((unsigned)tiles, (unsigned)col_blocks);
     expand_groups_kernel<T><<<grid, MOS_SERVE_GROUP_THREADS, 0, stream>>>(g, w->tables,
                                                                           w->max_groups);
-    SERVE_CUDA_TRY(cudaGetLastError(), "batched expand (grouped) kernel launch");
+    CUDA_TRY(cudaGetLastError(), "batched expand (grouped) kernel launch");
     return MOS_OK;
 }
 
@@ -481,18 +441,6 @@ mos_status run(const mos_batched_params *p, const mos_batched_workspace *w) {
 }
 
 /* ================================================================ dispatch */
-
-mos_status device_enter(int want, int *prev) {
-    MOS_CHECK(want >= 0 && want < MOS_SERVE_MAX_DEVICES, MOS_ERR_VALUE,
-              "CUDA device ordinal %d is outside [0, %d)", want, MOS_SERVE_MAX_DEVICES);
-    SERVE_CUDA_TRY(cudaGetDevice(prev), "cudaGetDevice");
-    if (*prev != want) SERVE_CUDA_TRY(cudaSetDevice(want), "cudaSetDevice");
-    return MOS_OK;
-}
-
-void device_leave(int prev, int want) {
-    if (prev != want) (void)cudaSetDevice(prev);
-}
 
 mos_status dispatch(const mos_batched_params *p, const mos_batched_workspace *w) {
     switch (p->dtype) {
