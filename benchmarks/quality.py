@@ -611,15 +611,9 @@ def code_version() -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from results_md import cpu_name
+
+    cpu = cpu_name()
     import peft
     import transformers
 
