@@ -85,6 +85,7 @@ def write_section(name: str, markdown: str, path: str = RESULTS_PATH) -> str:
                 f.write(new_text)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the results are meant to be read
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
