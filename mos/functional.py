@@ -78,12 +78,7 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
     else:
         d_in = int(x.shape[-1])
         d_out = int(pool_b.shape[1]) * (d_in // max(int(pool_a.shape[1]), 1))
-    y = _zeros_like_lib(x, lead + (d_out,)) if out is None else out
-    if tuple(y.shape[:-1]) != lead:
-        raise ValueError(f"out: leading shape {tuple(y.shape[:-1])} does not match x's {lead}")
-    y2 = y.reshape(-1, d_out) if len(y.shape) != 2 else y
-    if not _shares_memory(y2, y):
-        raise ValueError("out: cannot be viewed as (rows, d_out) without a copy; pass a contiguous out")
+    y, y2 = _output_rows(x, lead, d_out, out)
     if weight is not None:
         _C.linear_forward_full(y2, x2, weight, bias, pool_a, index_a, pool_b, index_b, scale)
     else:
@@ -146,12 +141,7 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
         d_out = int(out.shape[-1])
     else:
         d_out = int(pool_b.shape[1]) * (d_in // max(int(pool_a.shape[1]), 1))
-    y = _zeros_like_lib(x, lead + (d_out,)) if out is None else out
-    if tuple(y.shape[:-1]) != lead:
-        raise ValueError(f"out: leading shape {tuple(y.shape[:-1])} does not match x's {lead}")
-    y2 = y.reshape(-1, d_out) if len(y.shape) != 2 else y
-    if not _shares_memory(y2, y):
-        raise ValueError("out: cannot be viewed as (rows, d_out) without a copy; pass a contiguous out")
+    y, y2 = _output_rows(x, lead, d_out, out)
     adapter_ids = _int32_like(adapter_ids, x, "adapter_ids")
     if len(adapter_ids.shape) != 1:
         adapter_ids = adapter_ids.reshape(-1)
@@ -233,6 +223,17 @@ def _float_like(values, ref):
 
     return torch.as_tensor(values, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32,
                            device=ref.device)
+
+
+def _output_rows(x, lead, d_out, out):
+    """(y, its (rows, d_out) view): `out` when given (checked), else zeros in x's library."""
+    y = _zeros_like_lib(x, lead + (d_out,)) if out is None else out
+    if tuple(y.shape[:-1]) != lead:
+        raise ValueError(f"out: leading shape {tuple(y.shape[:-1])} does not match x's {lead}")
+    y2 = y.reshape(-1, d_out) if len(y.shape) != 2 else y
+    if not _shares_memory(y2, y):
+        raise ValueError("out: cannot be viewed as (rows, d_out) without a copy; pass a contiguous out")
+    return y, y2
 
 
 def _cuda_context(x, workspace, stream, n_rows, d_in, d_out, r, backward, with_h):

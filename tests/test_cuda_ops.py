@@ -76,7 +76,8 @@ def test_unaligned_views_take_the_fallback_path(offset_elems):
     np.testing.assert_allclose(got.cpu().double().numpy(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_runs_on_the_callers_stream():
+def small_cuda_problem():
+    """(rng, to-cuda, pool_a, index_a, pool_b, index_b) of a 64 -> 64 layer at r = 4."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -85,6 +86,13 @@ def test_runs_on_the_callers_stream():
     t = lambda a: torch.from_numpy(a).float().cuda()
     pa, pb = t(rng.standard_normal(pool.pool_a_shape)), t(rng.standard_normal(pool.pool_b_shape))
     ia, ib = (torch.from_numpy(i.copy()).cuda() for i in pool.indices(0))
+    return rng, t, pa, ia, pb, ib
+
+
+def test_runs_on_the_callers_stream():
+    import torch
+
+    rng, t, pa, ia, pb, ib = small_cuda_problem()
     x = t(rng.standard_normal((512, 64)))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -99,12 +107,7 @@ def test_runs_on_the_callers_stream():
 def test_forward_is_capturable_in_a_cuda_graph():
     import torch
 
-    rng = np.random.default_rng(0)
-    config = mos.MoSConfig(r=4, equivalent_rank=2, shards_per_vector=2, private_rank=1)
-    pool = mos.ShardPool("q", 64, 64, 3, config)
-    t = lambda a: torch.from_numpy(a).float().cuda()
-    pa, pb = t(rng.standard_normal(pool.pool_a_shape)), t(rng.standard_normal(pool.pool_b_shape))
-    ia, ib = (torch.from_numpy(i.copy()).cuda() for i in pool.indices(0))
+    rng, t, pa, ia, pb, ib = small_cuda_problem()
     x = t(rng.standard_normal((16, 64)))
     y = torch.zeros(16, 64, device="cuda")
     ws = torch.empty(F.workspace_bytes(16, 64, 64, 4, 4), dtype=torch.uint8, device="cuda")

@@ -5,7 +5,6 @@ import copy
 import os
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from ..config import MoSConfig
