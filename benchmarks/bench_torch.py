@@ -61,7 +61,6 @@ os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.threads)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,4 @@
 """Mixed-adapter batches and the adapter store: every sample equals its adapter run alone."""
-import numpy as np
 import pytest
 import torch
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import mos
 from mos.torch import MoSLinear, MoSModel, get_mos_model
 from torch_helpers import llama_inputs, logits, make_llama, mos_config, plain_state, randomize_pools
 

@@ -1,6 +1,4 @@
 """get_mos_model / MoSModel on a real transformers Llama: PEFT's tuner checklist."""
-import re
-
 import pytest
 import torch
 from torch import nn
