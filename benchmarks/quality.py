@@ -42,6 +42,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from mos.demo import train_step  # noqa: E402
+
 CACHE = os.path.join(HERE, ".cache")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TIE = 0.005  # nats/byte: differences smaller than this (or than 2 standard errors) are called ties
@@ -378,14 +380,9 @@ def train_one(method: Method, base, lr: float, seed: int, data: dict, profile: P
         for group in opt.param_groups:
             group["lr"] = lr_at(step, profile.steps, lr, warmup)
         x = sample_batch(data["train"], profile.batch, shape.seq_len, gen)
-        t0 = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+        loss, seconds = train_step(model, x, params, opt)
+        times.append(seconds)
+        losses.append(loss)
     steady = times[min(3, len(times) - 1):]
     stats = {"lr": lr, "seed": seed, "trainable_params": sum(p.numel() for p in params),
              "step_ms": 1000 * statistics.median(steady), "final_train_loss": statistics.fmean(losses[-5:]),

@@ -239,6 +239,19 @@ def evaluate(model, batches) -> float:
     return total / len(batches)
 
 
+def train_step(model, ids, params, optimizer) -> tuple[float, float]:
+    """One causal-LM step (loss, backward, grad-norm clip 1.0, optimizer step): (loss, seconds)."""
+    import torch
+
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), time.perf_counter() - t0
+
+
 def train_interleaved(models, batches, args) -> dict:
     """Trains every model on the same batches, one step of each in turn, so that load from
     elsewhere on the machine falls on all of them alike. Returns {label: step times (s)}."""
@@ -258,14 +271,8 @@ def train_interleaved(models, batches, args) -> dict:
             ids = torch.from_numpy(b)
             for label, model in models.items():
                 params, opt = state[label]
-                t0 = time.perf_counter()
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                times[label].append(time.perf_counter() - t0)
-                value = loss.item()
+                value, seconds = train_step(model, ids, params, opt)
+                times[label].append(seconds)
                 ema[label] = value if label not in ema else 0.9 * ema[label] + 0.1 * value
             bar.set_postfix_str("  ".join(f"{k.split(' (')[0]}: {v:.3f}" for k, v in ema.items()))
             bar.update()

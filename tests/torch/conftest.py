@@ -1,4 +1,4 @@
-"""Fixtures of the torch tests: per-test seeding and the device list."""
+"""Fixtures of the torch tests: per-test seeding (the `device` fixture comes from tests/conftest.py)."""
 import random
 
 import numpy as np
@@ -6,21 +6,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-
-import mos  # noqa: E402
-
-
-def _cuda_ready():
-    return bool(mos.build_info()["cuda"]) and torch.cuda.is_available()
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not _cuda_ready(), reason="mos built without CUDA or no GPU visible"))]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
 
 
 @pytest.fixture(autouse=True)
