@@ -1,6 +1,6 @@
 /*
- * tensor.c -- imports NumPy arrays (directly, through the NumPy C API) and any object with
- * __dlpack__ (versioned capsule first, legacy on TypeError) into mos_view.
+ * tensor.c -- imports NumPy arrays (directly, through the NumPy C API), DLPack capsules and any
+ * object with __dlpack__ (versioned capsule first, legacy on TypeError) into mos_view.
  * Rules follow the DLPack spec: byte_offset is always added, NULL strides mean row-major,
  * size-0 tensors may have data == NULL, read-only tensors are flagged, and the consumed
  * capsule is renamed "used_*" so its destructor leaves the deleter to us (run exactly once).
@@ -92,18 +92,9 @@ cleanup:
     return capsule;
 }
 
-static int import_dlpack(PyObject *obj, mos_view *v, PyObject *stream) {
-    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
-    if (!device) return -1;
-    int device_type = 0, device_id = 0;
-    int ok = PyArg_ParseTuple(device, "ii", &device_type, &device_id);
-    Py_DECREF(device);
-    if (!ok) return -1;
-    if (device_type != MOS_DL_CPU && device_type != MOS_DL_CUDA)
-        return fail(PyExc_BufferError, v, "only CPU and CUDA tensors are supported");
-
-    PyObject *capsule = request_capsule(obj, device_type == MOS_DL_CUDA ? stream : NULL);
-    if (!capsule) return -1;
+/* Consumes a DLPack capsule into v (v takes the reference): renames it "used_*" so its
+ * destructor leaves the deleter to mos_view_release, then reads shape, strides and device. */
+static int import_capsule(PyObject *capsule, mos_view *v) {
     mos_dl_tensor *t;
     if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
         mos_dl_managed_versioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
@@ -125,9 +116,12 @@ static int import_dlpack(PyObject *obj, mos_view *v, PyObject *stream) {
         t = &m->dl_tensor;
     } else {
         Py_DECREF(capsule);
-        return fail(PyExc_TypeError, v, "__dlpack__ did not return a DLPack capsule");
+        return fail(PyExc_TypeError, v, "expected an unconsumed DLPack capsule");
     }
     v->owner = capsule;  /* released (and the deleter run) by mos_view_release */
+    int device_type = t->device.device_type;
+    if (device_type != MOS_DL_CPU && device_type != MOS_DL_CUDA)
+        return fail(PyExc_BufferError, v, "only CPU and CUDA tensors are supported");
     if (t->ndim != v->ndim) {
         PyErr_Format(PyExc_ValueError, "%s: expected a %d-D tensor, got %d-D", v->name, v->ndim,
                      (int)t->ndim);
@@ -143,8 +137,27 @@ static int import_dlpack(PyObject *obj, mos_view *v, PyObject *stream) {
         expected *= t->shape[d];
     }
     v->device = device_type == MOS_DL_CUDA ? MOS_DEVICE_CUDA : MOS_DEVICE_CPU;
-    v->device_id = device_type == MOS_DL_CUDA ? device_id : 0;
+    v->device_id = device_type == MOS_DL_CUDA ? t->device.device_id : 0;
     return 0;
+}
+
+static int import_dlpack(PyObject *obj, mos_view *v, PyObject *stream) {
+    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (!device) return -1;
+    int device_type = 0, device_id = 0;
+    int ok = PyArg_ParseTuple(device, "ii", &device_type, &device_id);
+    Py_DECREF(device);
+    if (!ok) return -1;
+    if (device_type != MOS_DL_CPU && device_type != MOS_DL_CUDA)
+        return fail(PyExc_BufferError, v, "only CPU and CUDA tensors are supported");
+
+    PyObject *capsule = request_capsule(obj, device_type == MOS_DL_CUDA ? stream : NULL);
+    if (!capsule) return -1;
+    if (!PyCapsule_CheckExact(capsule)) {
+        Py_DECREF(capsule);
+        return fail(PyExc_TypeError, v, "__dlpack__ did not return a DLPack capsule");
+    }
+    return import_capsule(capsule, v);
 }
 
 int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *v, PyObject *stream) {
@@ -159,9 +172,13 @@ int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *v, PyOb
         }
         return import_numpy((PyArrayObject *)obj, v);
     }
+    if (PyCapsule_CheckExact(obj)) {  /* a producer's capsule handed over directly (no stream sync) */
+        Py_INCREF(obj);
+        return import_capsule(obj, v);
+    }
     if (!PyObject_HasAttrString(obj, "__dlpack__")) {
         PyErr_Format(PyExc_TypeError,
-                     "%s: expected a NumPy array or an object with __dlpack__, got %.100s", name,
+                     "%s: expected a NumPy array, a DLPack capsule or an object with __dlpack__, got %.100s", name,
                      Py_TYPE(obj)->tp_name);
         return -1;
     }

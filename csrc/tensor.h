@@ -1,4 +1,4 @@
-/* tensor.h -- Python objects (NumPy arrays, anything with __dlpack__) -> plain C tensor views. */
+/* tensor.h -- Python objects (NumPy arrays, DLPack capsules, anything with __dlpack__) -> plain C tensor views. */
 #ifndef MOS_TENSOR_H
 #define MOS_TENSOR_H
 
@@ -28,8 +28,10 @@ typedef struct {
     int readonly;
 } mos_view;
 
-/* Fills `view` from `obj` (ndim must be 1 or 2). For CUDA tensors, `stream` is passed to
- * __dlpack__ so the producer orders its work before ours. Returns 0, or -1 with an exception. */
+/* Fills `view` from `obj` (ndim must be 1 or 2): a NumPy array, a DLPack capsule (consumed) or an
+ * object with __dlpack__. For CUDA tensors, `stream` is passed to __dlpack__ so the producer
+ * orders its work before ours; a bare capsule is taken as already ordered. Returns 0, or -1 with
+ * an exception. */
 int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *view, PyObject *stream);
 
 /* Drops the references and runs the DLPack deleter exactly once. Safe on a zeroed view. */

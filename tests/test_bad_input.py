@@ -66,8 +66,8 @@ FORWARD_CASES = [
     ("scale nan", lambda a: a.update(scale=float("nan")), ValueError, "scale must be finite"),
     ("scale inf", lambda a: a.update(scale=float("inf")), ValueError, "scale must be finite"),
     ("scale string", lambda a: a.update(scale="1"), TypeError, "must be real number|float"),
-    ("x a list", lambda a: a.update(x=[[1.0] * 8] * 5), TypeError, "x: expected a NumPy array or an object with __dlpack__, got list"),
-    ("x None", lambda a: a.update(x=None), TypeError, "x: expected a NumPy array or an object with __dlpack__, got NoneType"),
+    ("x a list", lambda a: a.update(x=[[1.0] * 8] * 5), TypeError, "x: expected a NumPy array, a DLPack capsule or an object with __dlpack__, got list"),
+    ("x None", lambda a: a.update(x=None), TypeError, "x: expected a NumPy array, a DLPack capsule or an object with __dlpack__, got NoneType"),
     ("x byte-swapped", lambda a: a.update(x=a["x"].astype(">f4")), BufferError, "x: byte-swapped arrays are not supported"),
 ]
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import MoSConfig
 from ..pool import ShardPool
-from . import files
+from . import files, sharding
 from .layer import MoSLinear
 from .pools import SharedPools
 from .targets import default_target_modules, find_targets
@@ -263,7 +263,8 @@ class MoSModel(nn.Module):
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory: str, selected_adapters=None) -> None:
         """Writes each adapter as adapter_config.json + adapter_model.safetensors: "default" into
-        save_directory, others into save_directory/<name> (PEFT's layout)."""
+        save_directory, others into save_directory/<name> (PEFT's layout). With pools sharded by
+        FSDP2's fully_shard, call it on every rank: the pools are gathered and rank 0 writes."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             if name not in self.peft_config:
@@ -273,7 +274,13 @@ class MoSModel(nn.Module):
         for name in names:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             paths = {t: [p for p, _ in entries] for t, entries in self.adapter_paths(name).items()}
-            files.write_adapter(directory, self.peft_config[name], dict(self.mos_pools[name].items()), paths)
+            # Under FSDP2 every rank gathers the sharded pools (a collective), rank 0 writes, and
+            # no rank returns before the files exist.
+            pools, sharded = sharding.gather_pools(dict(self.mos_pools[name].items()))
+            if not sharded or sharding.is_writer():
+                files.write_adapter(directory, self.peft_config[name], pools, paths)
+            if sharded:
+                sharding.barrier()
 
     def export_lora(self, save_directory: str, adapter_name: str | None = None) -> None:
         """Writes the adapter as a plain PEFT LoRA adapter (rank r, per-layer A_k and B_k)."""

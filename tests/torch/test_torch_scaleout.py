@@ -1,4 +1,4 @@
-"""Scale-out: non-reentrant gradient checkpointing and DistributedDataParallel (gloo, 2 CPU processes)."""
+"""Scale-out: non-reentrant gradient checkpointing, DistributedDataParallel and FSDP2 (gloo, 2 CPU processes)."""
 import socket
 
 import pytest
@@ -66,3 +66,47 @@ def test_ddp_two_processes_equal_single_process_on_the_global_batch(tmp_path):
         if "pool_" in key:
             assert not torch.equal(value, start[key]), key  # training moved every pool
     assert len(expected) == 8  # fc1 and fc2: two pools and two index tables each
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_fsdp2_two_processes_equal_single_process_and_save_loads(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    import fsdp_worker
+    from mos.torch import MoSModel
+
+    mp.spawn(fsdp_worker.worker, args=(_free_port(), str(tmp_path)), nprocs=fsdp_worker.WORLD, join=True)
+    result = torch.load(tmp_path / "result.pt")
+
+    # Each pool is one parameter sharded by rows over both ranks (by the root's fully_shard),
+    # not one copy per decoder layer.
+    single = fsdp_worker.make_model()
+    shapes = {n: p.shape for n, p in single.named_parameters() if p.requires_grad}
+    assert result["layout"].keys() == shapes.keys()
+    for name, (local_rows, sharded) in result["layout"].items():
+        assert sharded and local_rows == shapes[name][0] // fsdp_worker.WORLD, name
+
+    start = {k: v.clone() for k, v in single.mos_pools.state_dict().items()}
+    fsdp_worker.train(single, fsdp_worker.global_batches())
+    expected = single.mos_pools.state_dict()
+    got = result["pools"]
+    assert got.keys() == expected.keys() and len(expected) == 4 * 7  # 7 types: 2 pools, 2 tables
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        if "pool_" in key:
+            assert not torch.equal(value, start[key]), key  # training moved every pool
+
+    # The gathered save_pretrained loads into a single-process model that matches.
+    loaded = MoSModel.from_pretrained(fsdp_worker.make_llama(), str(tmp_path / "adapter"))
+    for key, value in loaded.mos_pools.state_dict().items():
+        torch.testing.assert_close(value, got[key], rtol=0, atol=0, msg=key)
+
+    # So does the sharded torch.distributed.checkpoint, loaded without a process group.
+    fresh = fsdp_worker.make_model()
+    state = fresh.mos_pools.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path / "dcp"))
+    for key, value in state.items():
+        torch.testing.assert_close(value, got[key], rtol=0, atol=0, msg=key)
+    ids = fsdp_worker.global_batches()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, single(ids).logits, rtol=1e-4, atol=1e-5)
