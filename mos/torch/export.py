@@ -6,13 +6,15 @@ so peft.PeftModel.from_pretrained(base, dir) reproduces the MoS model's outputs.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
-from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_write, write_json
+from .atomic import replace_directory, write_bytes
+from .files import CONFIG_NAME, WEIGHTS_NAME
 from .layer import MoSLinear
 
 __all__ = ["export_lora"]
@@ -47,10 +49,16 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
         "inference_mode": True,
         "modules_to_save": None,
     }
-    os.makedirs(save_directory, exist_ok=True)
-    atomic_write(os.path.join(save_directory, WEIGHTS_NAME),
-                 lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    write_json(os.path.join(save_directory, CONFIG_NAME), lora_config)
+
+    def fill(directory):
+        write_bytes(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(tensors, {"format": "pt"}))
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(lora_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    # PEFT reads the two files separately, so they are switched in together: a kill -9 at any
+    # instant leaves the previous export or this one.
+    replace_directory(save_directory, fill)
 
 
 def _lora_target_modules(base_model, paths):

@@ -4,70 +4,81 @@ The safetensors file holds, per module type T, the pools and the fixed index tab
     T.pool_a  (n_shards, d_in / l)   pool dtype        T.index_a  (n_layers, r * l)  int32
     T.pool_b  (n_shards, d_out / l)  pool dtype        T.index_b  (n_layers, r * l)  int32
 and in its metadata the module paths of each type in position order, so loading into a model whose
-matches differ fails loudly instead of giving layers someone else's private shards.
+matches differ fails loudly instead of giving layers someone else's private shards. The metadata
+also holds the config and a save id that adapter_config.json repeats: the weights file is the one
+commit point of a save, so a kill -9 at any instant leaves the old adapter or the new one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import tempfile
+import secrets
+import warnings
 from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..config import MoSConfig
+from .atomic import atomic_write, remove_stale_temporaries, write_bytes, write_json
 from .pools import torch_dtype
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterFiles", "write_adapter", "read_adapter",
-           "validate_adapter", "atomic_write", "write_json"]
+           "validate_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = "1"
+SAVE_ID = "mos_save_id"  # in both files: which save each one comes from
 _TENSOR_FIELDS = ("pool_a", "pool_b", "index_a", "index_b")
 
 
 # ---------------------------------------------------------------------------- writing
 
 
-def atomic_write(path: str, write) -> None:
-    """Calls write(tmp_path) on a temporary file next to `path`, then renames it over `path`, so
-    readers see the old file or the new one, never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path: str, data: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-    atomic_write(path, write)
-
-
 def write_adapter(directory: str, config: MoSConfig, pools: dict, paths: dict) -> None:
-    """Writes one adapter: `pools` is {type: SharedPools}, `paths` {type: [module path by position]}."""
+    """Writes one adapter: `pools` is {type: SharedPools}, `paths` {type: [module path by position]}.
+
+    The weights file is the commit point: it carries the config and a save id in its metadata, and
+    the config file written after it repeats that id. A kill between the two leaves new weights
+    beside an older config; read_adapter sees the ids differ and takes the weights' own config."""
+    config = _config_of_pools(config, pools)
     os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory)
     tensors, layout = {}, {}
     for module_type, shared in pools.items():
         for name in _TENSOR_FIELDS:
             tensors[f"{module_type}.{name}"] = getattr(shared, name).detach().to("cpu").contiguous()
         layout[module_type] = {"d_in": shared.d_in, "d_out": shared.d_out, "modules": list(paths[module_type])}
-    metadata = {"format": "pt", "mos_format": FORMAT_VERSION, "mos_layout": json.dumps(layout)}
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata))
-    write_json(os.path.join(directory, CONFIG_NAME), config.to_dict())
+    save_id = secrets.token_hex(16)
+    config_data = config.to_dict()
+    metadata = {"format": "pt", "mos_format": FORMAT_VERSION, "mos_layout": json.dumps(layout),
+                "mos_config": json.dumps(config_data), SAVE_ID: save_id}
+    weights = safetensors_bytes(tensors, metadata)
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: write_bytes(tmp, weights))
+    write_json(os.path.join(directory, CONFIG_NAME), {**config_data, SAVE_ID: save_id})
+
+
+def _config_of_pools(config: MoSConfig, pools: dict) -> MoSConfig:
+    """The config to save with `pools`: pool_dtype says what the pools hold (model.to(dtype) casts
+    them). Raises ValueError, before anything is written, for pools no load would accept."""
+    dtypes = {t.dtype for shared in pools.values() for t in (shared.pool_a, shared.pool_b)}
+    if len(dtypes) != 1:
+        raise ValueError(f"the adapter's pools have mixed dtypes {sorted(map(str, dtypes))}; cast them "
+                         f"to one dtype before saving")
+    dtype = dtypes.pop()
+    name = str(dtype).removeprefix("torch.")
+    if name not in ("float32", "float64", "float16", "bfloat16"):
+        raise ValueError(f"the adapter's pools are {dtype}; an adapter file holds float32, float64, "
+                         f"float16 or bfloat16 pools")
+    for module_type, shared in pools.items():
+        for field in ("pool_a", "pool_b"):
+            if not torch.isfinite(getattr(shared, field).detach()).all():
+                raise ValueError(f"{module_type}.{field} holds NaN or inf values; refusing to save an "
+                                 f"adapter that cannot be loaded")
+    return config if config.pool_dtype == name else dataclasses.replace(config, pool_dtype=name)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -83,38 +94,86 @@ class AdapterFiles:
 
 
 def read_adapter(directory: str) -> AdapterFiles:
-    """Reads and parses both files; raises ValueError naming the file (and field) on any defect."""
+    """Reads and parses both files; raises ValueError naming the file (and field) on any defect.
+
+    The config comes from adapter_config.json when it carries the weights' save id or the weights
+    carry no config (written by another tool); otherwise from the weights' metadata."""
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file (expected a MoS adapter directory)")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{config_path}: not a readable JSON file ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(data).__name__}")
-    if data.get("peft_type", "MOS") != "MOS":
-        raise ValueError(f"{config_path}: peft_type {data.get('peft_type')!r} is not a MoS adapter")
-    try:
-        config = MoSConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{config_path}: {err}") from None
+    if not os.path.isfile(weights_path):
+        missing = weights_path if os.path.isfile(config_path) else config_path
+        raise FileNotFoundError(f"{missing}: no such file (expected a MoS adapter directory)")
     try:
         with safe_open(weights_path, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from None
-    layout = None
-    if "mos_layout" in metadata:
-        try:
-            layout = json.loads(metadata["mos_layout"])
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{weights_path}: metadata 'mos_layout' is not valid JSON ({err})") from None
+    layout = _metadata_json(weights_path, metadata, "mos_layout")
+    if layout is not None:
+        _check_layout_shape(weights_path, layout)
+    embedded = _metadata_json(weights_path, metadata, "mos_config")
+    if embedded is not None and not isinstance(embedded, dict):
+        raise ValueError(f"{weights_path}: metadata 'mos_config' must be a JSON object, got "
+                         f"{type(embedded).__name__}")
+    data, source = None, config_path
+    if os.path.isfile(config_path):
+        data = _read_json_object(config_path)
+    if embedded is not None and (data is None or data.get(SAVE_ID) != metadata.get(SAVE_ID)):
+        warnings.warn(f"{config_path} does not belong to the save that wrote {weights_path} (an "
+                      f"interrupted save); using the config stored with the weights", stacklevel=3)
+        data, source = embedded, f"{weights_path}: metadata 'mos_config'"
+    elif data is None:
+        raise FileNotFoundError(f"{config_path}: no such file (expected a MoS adapter directory)")
+    data = {k: v for k, v in data.items() if k != SAVE_ID}
+    if data.get("peft_type", "MOS") != "MOS":
+        raise ValueError(f"{source}: peft_type {data.get('peft_type')!r} is not a MoS adapter")
+    try:
+        config = MoSConfig.from_dict(data)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{source}: {err}") from None
     return AdapterFiles(directory, config, tensors, layout)
+
+
+def _read_json_object(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({_reason(err)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _metadata_json(path: str, metadata: dict, key: str):
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({_reason(err)})") from None
+
+
+def _reason(err: Exception) -> str:
+    return "nested too deeply" if isinstance(err, RecursionError) else str(err)
+
+
+def _check_layout_shape(path: str, layout) -> None:
+    """mos_layout is {type: {"d_in": int, "d_out": int, "modules": [str, ...]}}."""
+    where = f"{path}: metadata 'mos_layout'"
+    if not isinstance(layout, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(layout).__name__}")
+    for module_type, entry in layout.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: entry {module_type!r} must be an object, got {type(entry).__name__}")
+        for key in ("d_in", "d_out"):
+            value = entry.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {module_type}.{key} must be a positive integer, got {value!r}")
+        modules = entry.get("modules")
+        if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+            raise ValueError(f"{where}: {module_type}.modules must be a list of module paths")
 
 
 def validate_adapter(files: AdapterFiles, shard_pools: dict, layouts: dict) -> dict:
