@@ -125,6 +125,15 @@ def topics_splits(block: int = 2048) -> dict[str, bytes]:
     return {name: b"".join(parts) for name, parts in splits.items()}
 
 
+def downstream_data(shape: ModelShape, profile: Profile) -> tuple[dict[str, bytes], dict[str, torch.Tensor]]:
+    """(the topics splits, the tensors runs use: train bytes, validation and test windows)."""
+    splits = topics_splits()
+    data = {"train": to_tensor(splits["train"]),
+            "val_windows": eval_windows(to_tensor(splits["val"]), shape.seq_len, profile.val_windows),
+            "test_windows": eval_windows(to_tensor(splits["test"]), shape.seq_len, profile.test_windows)}
+    return splits, data
+
+
 def to_tensor(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
 
@@ -147,9 +156,10 @@ def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, gen: torch.Gene
 def evaluate(model, windows: torch.Tensor, batch: int = 32) -> float:
     """Mean next-byte cross-entropy (nats) over every predicted position of the windows."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch):
-        x = windows[i:i + batch]
+        x = windows[i:i + batch].to(device)
         logits = model(input_ids=x).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                  reduction="sum")
@@ -178,8 +188,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def base_model(shape: ModelShape, profile: Profile):
-    """The pretrained base model, built once per (shape, profile) and cached as safetensors."""
+def base_model(shape: ModelShape, profile: Profile, device: str = "cpu"):
+    """The pretrained base model on `device`, built once per (shape, profile) and cached as safetensors."""
     from safetensors.torch import load_file, save_file
     from transformers import LlamaForCausalLM
 
@@ -188,9 +198,9 @@ def base_model(shape: ModelShape, profile: Profile):
     path = os.path.join(CACHE, f"base-{key}.safetensors")
     meta_path = path.replace(".safetensors", ".json")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(shape))
+    model = LlamaForCausalLM(llama_config(shape)).to(device)
     if os.path.exists(path) and os.path.exists(meta_path):
-        model.load_state_dict(load_file(path))
+        model.load_state_dict(load_file(path, device=str(device)))
         with open(meta_path) as f:
             return model, json.load(f)
 
@@ -204,7 +214,7 @@ def base_model(shape: ModelShape, profile: Profile):
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, profile.pretrain_steps, profile.pretrain_lr, warmup=max(1, profile.pretrain_steps // 20))
-        x = sample_batch(train, profile.pretrain_batch, shape.seq_len, gen)
+        x = sample_batch(train, profile.pretrain_batch, shape.seq_len, gen).to(device)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -217,7 +227,7 @@ def base_model(shape: ModelShape, profile: Profile):
             "stdlib_heldout_loss": evaluate(model, eval_windows(held_out, shape.seq_len, 256))}
     os.makedirs(CACHE, exist_ok=True)
     tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
     with open(meta_path, "w") as f:
         json.dump(meta, f)
@@ -371,7 +381,8 @@ def train_one(method: Method, base, lr: float, seed: int, data: dict, profile: P
             raise RuntimeError(f"{method.key}: {got} trainable parameters, mos.budget says "
                                f"{expected.trainable_params}")
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(1000 + seed)
+    gen = torch.Generator().manual_seed(1000 + seed)  # the same batches for every method
+    device = next(base.parameters()).device
     warmup = max(1, profile.steps // 10)
     times, losses = [], []
     model.train()
@@ -379,7 +390,7 @@ def train_one(method: Method, base, lr: float, seed: int, data: dict, profile: P
                      position=bar_position, mininterval=2, dynamic_ncols=True):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, profile.steps, lr, warmup)
-        x = sample_batch(data["train"], profile.batch, shape.seq_len, gen)
+        x = sample_batch(data["train"], profile.batch, shape.seq_len, gen).to(device)
         loss, seconds = train_step(model, x, params, opt)
         times.append(seconds)
         losses.append(loss)
@@ -669,6 +680,23 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def finished_runs(path: str) -> dict[str, dict]:
+    """{fingerprint: result} of the methods an earlier (possibly interrupted) run finished."""
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                done[rec["fingerprint"]] = rec["result"]
+    return done
+
+
+def record_run(path: str, fp: str, result: dict, append: bool = True) -> None:
+    """Adds one finished method to `path` (one JSON line, so an interrupted run loses at most one method)."""
+    with open(path, "a" if append else "w") as f:
+        f.write(json.dumps({"fingerprint": fp, "result": result}) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every method once: 1 seed, 1 lr, few steps")
@@ -709,10 +737,7 @@ def main(argv=None):
     base, base_meta = base_model(shape, profile)
     for p in base.parameters():
         p.requires_grad_(False)
-    splits = topics_splits()
-    data = {"train": to_tensor(splits["train"]),
-            "val_windows": eval_windows(to_tensor(splits["val"]), shape.seq_len, profile.val_windows),
-            "test_windows": eval_windows(to_tensor(splits["test"]), shape.seq_len, profile.test_windows)}
+    splits, data = downstream_data(shape, profile)
     base_loss = evaluate(base, data["test_windows"])
     print(f"base model: stdlib held-out {base_meta['stdlib_heldout_loss']:.3f}, topics test {base_loss:.4f} "
           f"nats/byte; splits (bytes): " + ", ".join(f"{k} {len(v):,}" for k, v in splits.items()))
@@ -721,12 +746,7 @@ def main(argv=None):
     os.makedirs(run_dir, exist_ok=True)
     done_path = os.path.join(run_dir, "methods.jsonl")
     base_fp = fingerprint(dataclasses.asdict(profile), dataclasses.asdict(shape))
-    done = {}
-    if not args.fresh and not args.quick and os.path.exists(done_path):
-        with open(done_path) as f:
-            for line in f:
-                rec = json.loads(line)
-                done[rec["fingerprint"]] = rec["result"]
+    done = finished_runs(done_path) if not (args.fresh or args.quick) else {}
 
     total_runs = sum(len(lr_grid(m, profile)) + profile.seeds - 1 for m in all_methods)
     results = []
@@ -742,8 +762,7 @@ def main(argv=None):
             res = run_method(method, base, data, profile, shape, outer)
             res["wall_s"] = time.perf_counter() - t0
             results.append(res)
-            with open(done_path, "a" if not args.quick else "w") as f:
-                f.write(json.dumps({"fingerprint": fp, "result": res}) + "\n")
+            record_run(done_path, fp, res, append=not args.quick)
             tqdm.write(f"{method.key:10s} params={res['trainable_params']:>9,} test={res['test_mean']:.4f}"
                        f"±{res['test_std']:.4f} lr={res['lr']:g} file={res['file_bytes']:,}B step={res['step_ms']:.0f}ms")
     wall = time.perf_counter() - start
