@@ -55,10 +55,10 @@ class Study:
 STUDIES = {
     "cpu": Study("cpu", "cpu", (4, 8, 16, 32), width=64, heads=2, profile=Profile(
         "depth-cpu", pretrain_bytes=4 << 20, pretrain_steps=300, pretrain_batch=16, pretrain_lr=3e-3,
-        steps=50, batch=8, seeds=3, n_lrs=3, val_windows=64, test_windows=128)),
+        steps=40, batch=6, seeds=3, n_lrs=3, val_windows=48, test_windows=96)),
     "cuda": Study("cuda", "cuda", (4, 8, 16, 32), width=512, heads=8, profile=Profile(
-        "depth-cuda", pretrain_bytes=8 << 20, pretrain_steps=600, pretrain_batch=32, pretrain_lr=1e-3,
-        steps=80, batch=16, seeds=3, n_lrs=3, val_windows=128, test_windows=256)),
+        "depth-cuda", pretrain_bytes=8 << 20, pretrain_steps=400, pretrain_batch=32, pretrain_lr=1e-3,
+        steps=60, batch=16, seeds=3, n_lrs=3, val_windows=128, test_windows=256)),
     "smoke": Study("smoke", "cpu", (4, 8), width=16, heads=1, profile=Profile(
         "depth-smoke", pretrain_bytes=1 << 18, pretrain_steps=4, pretrain_batch=4, pretrain_lr=3e-3,
         steps=3, batch=2, seeds=2, n_lrs=1, val_windows=4, test_windows=4)),
@@ -337,6 +337,8 @@ def main(argv=None):
 
     import mos
 
+    if study.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 storage, the GPU's fast path
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
     mos.set_num_threads(args.threads)
