@@ -64,7 +64,7 @@ def find_cublas(cuda_home):
 def c_flags():
     flags = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
     if flag("MOS_DEBUG") == "1":
-        flags += ["-O0", "-g"]
+        flags += ["-O0", "-g", "-DMOS_DEBUG=1"]
     else:
         flags += ["-O3"]
     if flag("MOS_SANITIZE") == "1":

@@ -8,7 +8,8 @@
 extern "C" {
 #endif
 
-/* Returns `status` with "<message> (file:line)" recorded when `cond` is false. */
+/* Returns `status` with "<message>" recorded when `cond` is false ("<message> [file:line]" in
+ * MOS_DEBUG builds). */
 #define MOS_CHECK(cond, status, ...)                                                     \
     do {                                                                                 \
         if (!(cond)) return mos_check_fail((status), __FILE__, __LINE__, __VA_ARGS__);  \

@@ -37,12 +37,18 @@ const char *mos_dtype_name(mos_dtype dtype) {
     return "unknown";
 }
 
+/* Users read these messages as Python exceptions, so the source location is added only in debug
+ * builds (MOS_DEBUG=1), where it helps whoever works on the core. */
 mos_status mos_check_fail(mos_status status, const char *file, int line, const char *fmt, ...) {
     char message[400];
     va_list args;
     va_start(args, fmt);
     vsnprintf(message, sizeof message, fmt, args);
     va_end(args);
+#ifdef MOS_DEBUG
     const char *base = strrchr(file, '/');
     return mos_set_error(status, "%s [%s:%d]", message, base ? base + 1 : file, line);
+#else
+    return mos_set_error(status, "%s", message);
+#endif
 }

@@ -24,6 +24,7 @@ from typing import Iterable
 
 from .config import MoSConfig
 from .pool import ShardPool
+from .ranks import fit_ranks
 
 __all__ = ["ModuleType", "Budget", "llama_module_types", "module_types_from_model", "mos_budget",
            "lora_budget", "DTYPE_BYTES", "LLAMA_TARGETS"]
@@ -131,12 +132,15 @@ def module_types_from_model(model, target_modules: Iterable[str]) -> list[Module
 
 
 def mos_budget(module_types: Iterable[ModuleType], config: MoSConfig) -> Budget:
-    """MoS's cost for these module types under `config` (validated exactly as MoS would)."""
+    """MoS's cost for these module types under `config` (validated, and r lowered for types with
+    too few layers, exactly as MoS would)."""
+    module_types = list(module_types)
+    config = fit_ranks(config, [(t.name, t.d_in, t.d_out, t.n_layers) for t in module_types])
     params = entries = 0
     for t in module_types:
         pool = ShardPool(t.name, t.d_in, t.d_out, t.n_layers, config)
         params += pool.num_parameters()
-        entries += 2 * t.n_layers * config.r * config.shards_per_vector  # index_a and index_b
+        entries += 2 * t.n_layers * pool.rank * config.shards_per_vector  # index_a and index_b
     label = (f"MoS R_e={config.equivalent_rank} r={config.r} l={config.shards_per_vector} "
              f"p={config.private_rank}")
     return Budget(label, params, DTYPE_BYTES[config.pool_dtype], entries)

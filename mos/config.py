@@ -17,7 +17,8 @@ def _help(text, default=MISSING, default_factory=MISSING):
 class MoSConfig:
     """Configuration of a MoS adapter (Wang et al., ICLR 2025, arXiv 2410.00938)."""
 
-    r: int = _help("Forward rank of every adapted layer (LoRA's r).", 8)
+    r: int = _help("Forward rank of every adapted layer (LoRA's r); a module type with too few layers for it "
+                   "gets the largest rank its pools allow, with a warning (see docs/choosing_parameters.md).", 8)
     equivalent_rank: int = _help(
         "Parameter budget in LoRA-rank units: the pools hold as many parameters as LoRA at this rank.", 2)
     shards_per_vector: int = _help("l: shards each rank vector is cut into (vector sharding).", 2)
@@ -30,6 +31,10 @@ class MoSConfig:
         "Each layer draws a random subset of public shards; False means every layer takes all of them.", True)
     target_modules: Optional[Union[list, str]] = _help(
         "Module names to adapt (list of suffixes), a regex (str) or 'all-linear'.", None)
+    rank_pattern: dict = _help(
+        "Forward rank per module type ({'lm_head': 2}), overriding r (PEFT's rank_pattern, keyed by module "
+        "type). Ranks lowered for types with too few layers are recorded here, so a saved adapter "
+        "loads exactly.", default_factory=dict)
     seed: int = _help("Seed of the index tables and of the initial pool values.", 0)
     init_lora_weights: bool = _help("True: B-pool zero so a fresh adapter is a no-op (LoRA's init).", True)
     pool_dtype: str = _help("dtype of the pools (float32 keeps training stable with 16-bit bases).", "float32")
@@ -63,10 +68,26 @@ class MoSConfig:
                              f"got {type(self.target_modules).__name__}")
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
+        if not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"rank_pattern must be a dict of module type -> r, got {type(self.rank_pattern).__name__}")
+        for name, rank in self.rank_pattern.items():
+            if not isinstance(name, str) or isinstance(rank, bool) or not isinstance(rank, int) \
+                    or not self.private_rank <= rank or rank < 1:
+                raise ValueError(f"rank_pattern[{name!r}] = {rank!r}: expected a module type name and an "
+                                 f"integer r >= max(1, private_rank={self.private_rank})")
+
+    def rank_for(self, module_type: str) -> int:
+        """The forward rank of `module_type`: rank_pattern's entry, else r."""
+        return self.rank_pattern.get(module_type, self.r)
+
+    def scaling_for(self, module_type: str) -> float:
+        """The scale of `module_type`, from its own rank (as PEFT does with rank_pattern)."""
+        rank = self.rank_for(module_type)
+        return self.lora_alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
     @property
     def scaling(self) -> float:
-        """s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+        """s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (types in rank_pattern: scaling_for)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def to_dict(self) -> dict:
@@ -82,6 +103,19 @@ class MoSConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _document_fields(cls):
+    """Appends every field, its default and its help text to the class docstring, so that
+    help(MoSConfig) explains each setting (the help texts are the one source)."""
+    lines = []
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        lines.append(f"    {f.name} (default {default!r})\n        {f.metadata.get('help', '')}")
+    cls.__doc__ = f"{cls.__doc__}\n\n    Fields:\n\n" + "\n".join(lines) + "\n"
+
+
+_document_fields(MoSConfig)
 
 
 def _require_int(config, name, minimum):

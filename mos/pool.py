@@ -7,6 +7,7 @@ import numpy as np
 
 from . import _C
 from .config import MoSConfig
+from .ranks import check_type
 
 SIDE_A, SIDE_B, INIT_TAG = 0, 1, 2
 
@@ -25,7 +26,9 @@ class ShardPool:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.name, self.config = name, config
         self.d_in, self.d_out, self.n_layers = int(d_in), int(d_out), int(n_layers)
-        shape = _C.pool_shape(self.d_in, self.d_out, self.n_layers, config.r, config.equivalent_rank,
+        if self.n_layers >= 1:  # the core reports other bad sizes itself
+            check_type(name, self.d_in, self.d_out, self.n_layers, config, self.rank)
+        shape = _C.pool_shape(self.d_in, self.d_out, self.n_layers, self.rank, config.equivalent_rank,
                               config.shards_per_vector, config.private_rank, config.subset_selection)
         self.n_shards = shape["n_shards"]
         self.n_public = shape["n_public"]
@@ -36,7 +39,8 @@ class ShardPool:
     # ------------------------------------------------------------------ sizes
     @property
     def rank(self) -> int:
-        return self.config.r
+        """This type's forward rank: config.rank_pattern's entry for it, else config.r."""
+        return self.config.rank_for(self.name)
 
     @property
     def shards_per_vector(self) -> int:
@@ -77,7 +81,7 @@ class ShardPool:
     # ------------------------------------------------------------------ index tables
     def _draw(self, layer: int, side: int) -> np.ndarray:
         c = self.config
-        return _C.route_indices(self.d_in, self.d_out, self.n_layers, c.r, c.equivalent_rank,
+        return _C.route_indices(self.d_in, self.d_out, self.n_layers, self.rank, c.equivalent_rank,
                                 c.shards_per_vector, c.private_rank, c.subset_selection, c.seed,
                                 self.name, layer, side)
 
@@ -153,5 +157,5 @@ class ShardPool:
     def __repr__(self):
         c = self.config
         return (f"ShardPool({self.name!r}, d_in={self.d_in}, d_out={self.d_out}, "
-                f"n_layers={self.n_layers}, r={c.r}, equivalent_rank={c.equivalent_rank}, "
+                f"n_layers={self.n_layers}, r={self.rank}, equivalent_rank={c.equivalent_rank}, "
                 f"l={c.shards_per_vector}, p={c.private_rank}, n_shards={self.n_shards})")

@@ -118,7 +118,7 @@ def test_without_subset_selection_every_layer_takes_all_public_rows():
     a, b = pool.index_tables()
     assert a[0].tolist() == [0, 1, 2, 3, 4, 5]
     assert a[1].tolist() == [0, 1, 2, 3, 6, 7]
-    with pytest.raises(ValueError, match="without subset_selection r must equal .* = 3, got r=4"):
+    with pytest.raises(ValueError, match="q has 2 layers: without subset_selection .* r must be 3 "):
         mos.ShardPool("q", 4, 4, 2, mos.MoSConfig(r=4, equivalent_rank=2, shards_per_vector=2,
                                                    private_rank=1, subset_selection=False))
 
@@ -126,10 +126,10 @@ def test_without_subset_selection_every_layer_takes_all_public_rows():
 @pytest.mark.parametrize("kwargs, shape, message", [
     (dict(r=4, private_rank=5, equivalent_rank=5), (8, 8, 2), "private_rank=5 must be <= r=4"),
     (dict(private_rank=3, equivalent_rank=2, r=4), (8, 8, 2), "private_rank=3 must be <= equivalent_rank=2"),
-    (dict(shards_per_vector=3), (8, 9, 2), "shards_per_vector=3 must divide d_in=8"),
-    (dict(shards_per_vector=2), (8, 9, 2), "shards_per_vector=2 must divide d_out=9"),
+    (dict(shards_per_vector=3), (8, 9, 2), "q is 8 -> 9: shards_per_vector=3 must divide both; values that work: 1$"),
+    (dict(shards_per_vector=3), (12, 8, 2), "q is 12 -> 8: shards_per_vector=3 .* values that work: 1, 2, 4$"),
     (dict(r=40, equivalent_rank=2, private_rank=0, shards_per_vector=1), (8, 8, 2),
-     r"\(r - private_rank\) \* shards_per_vector = 40 must be <= public shards"),
+     r"q has 2 layers: with equivalent_rank=2, private_rank=0, shards_per_vector=1, r can be at most 4 "),
     (dict(r=0), (8, 8, 2), "r must be >= 1, got 0"),
     (dict(lora_alpha=float("nan")), (8, 8, 2), "lora_alpha must be a finite number"),
     (dict(lora_dropout=1.0), (8, 8, 2), r"lora_dropout must be in \[0, 1\)"),

@@ -26,10 +26,12 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
     if name not in mos_model.peft_config:
         raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(mos_model.peft_config)}")
     config = mos_model.peft_config[name]
-    tensors, paths = {}, []
+    tensors, paths, rank_pattern = {}, [], {}
     with torch.no_grad():
-        for entries in mos_model.adapter_paths(name).values():
+        for module_type, entries in mos_model.adapter_paths(name).items():
             for path, layer in entries:
+                if config.rank_for(module_type) != config.r:  # PEFT matches keys as "(.*\.)?(key)$"
+                    rank_pattern[re.escape(path)] = config.rank_for(module_type)
                 a, b = layer.lora_weights(name)
                 tensors[f"base_model.model.{path}.lora_A.weight"] = a.detach().to("cpu").contiguous()
                 tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().to("cpu").contiguous()
@@ -39,6 +41,7 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
         "task_type": config.task_type,
         "base_model_name_or_path": config.base_model_name_or_path,
         "r": config.r,
+        "rank_pattern": rank_pattern,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,

@@ -26,7 +26,7 @@ from .atomic import atomic_write, remove_stale_temporaries, write_bytes, write_j
 from .pools import torch_dtype
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterFiles", "write_adapter", "read_adapter",
-           "validate_adapter"]
+           "validate_adapter", "check_layouts"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -174,6 +174,19 @@ def _check_layout_shape(path: str, layout) -> None:
         modules = entry.get("modules")
         if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
             raise ValueError(f"{where}: {module_type}.modules must be a list of module paths")
+
+
+def check_layouts(files: AdapterFiles, layouts: dict) -> None:
+    """Raises ValueError when the model's matches ({type: TypeLayout}) are not the modules the
+    adapter was saved for (checked before pools are sized, so the error names the modules)."""
+    if files.layout is None:
+        return
+    where = os.path.join(files.directory, WEIGHTS_NAME)
+    if sorted(files.layout) != sorted(layouts):
+        raise ValueError(f"{where}: the adapter was saved for module types {sorted(files.layout)}, "
+                         f"target_modules matches {sorted(layouts)} in this model")
+    for layout in layouts.values():
+        _check_layout(where, files.layout, layout)
 
 
 def validate_adapter(files: AdapterFiles, shard_pools: dict, layouts: dict) -> dict:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import MoSConfig
 from ..pool import ShardPool
+from ..ranks import fit_ranks
 from . import files, sharding
 from .layer import MoSLinear
 from .pools import SharedPools
@@ -116,12 +117,8 @@ class MoSModel(nn.Module):
         if config.target_modules is None:
             config.target_modules = default_target_modules(self.base_model)
         # Plan and validate everything before touching the model, so a failure changes nothing.
-        try:
-            layouts, shard_pools = _plan(self.base_model, config)
-        except ValueError as err:
-            if state is None:
-                raise
-            raise ValueError(f"{os.path.join(state.directory, files.CONFIG_NAME)}: {err}") from None
+        # A new adapter may lower r for types with too few layers; a saved one keeps its ranks.
+        config, layouts, shard_pools = _plan(self.base_model, config, state)
         saved = files.validate_adapter(state, shard_pools, layouts) if state is not None else {}
         pools = nn.ModuleDict()
         for module_type, layout in layouts.items():
@@ -132,8 +129,8 @@ class MoSModel(nn.Module):
         for layout in layouts.values():
             for position, site in enumerate(layout.sites):
                 layer = site.module if isinstance(site.module, MoSLinear) else self._wrap(site.path, site.module)
-                layer.add_adapter(adapter_name, pools[layout.module_type], position, config.scaling,
-                                  config.lora_dropout)
+                layer.add_adapter(adapter_name, pools[layout.module_type], position,
+                                  config.scaling_for(layout.module_type), config.lora_dropout)
         self.mos_pools[adapter_name] = pools
         self.peft_config[adapter_name] = config
         if not is_trainable:
@@ -288,17 +285,30 @@ class MoSModel(nn.Module):
         export_lora(self, save_directory, adapter_name)
 
 
-def _plan(model, config):
-    """({type: TypeLayout}, {type: ShardPool}) for config on model; raises ValueError, changes nothing."""
-    layouts = find_targets(model, config.target_modules, config.layer_pattern)
-    shard_pools = {}
-    for module_type, layout in layouts.items():
-        try:
-            shard_pools[module_type] = ShardPool(module_type, layout.d_in, layout.d_out, layout.n_layers, config)
-        except ValueError as err:
-            raise ValueError(f"module type {module_type!r} ({layout.d_in} -> {layout.d_out}, "
-                             f"{layout.n_layers} layers): {err}") from None
-    return layouts, shard_pools
+def _plan(model, config, state=None):
+    """(config, {type: TypeLayout}, {type: ShardPool}) for config on model; raises ValueError and
+    changes nothing. The config returned records ranks lowered for types with too few layers
+    (only for a new adapter: a saved one, `state`, must fit as saved)."""
+    with _config_errors(state):
+        layouts = find_targets(model, config.target_modules, config.layer_pattern)
+    if state is not None:
+        files.check_layouts(state, layouts)
+    with _config_errors(state):
+        config = fit_ranks(config, [(t, lay.d_in, lay.d_out, lay.n_layers) for t, lay in layouts.items()],
+                           lower=state is None)
+        shard_pools = {t: ShardPool(t, lay.d_in, lay.d_out, lay.n_layers, config) for t, lay in layouts.items()}
+    return config, layouts, shard_pools
+
+
+@contextmanager
+def _config_errors(state):
+    """Prefixes a ValueError with the adapter_config.json it comes from, when loading a saved adapter."""
+    try:
+        yield
+    except ValueError as err:
+        if state is None:
+            raise
+        raise ValueError(f"{os.path.join(state.directory, files.CONFIG_NAME)}: {err}") from None
 
 
 def _check_adapter_name(name, existing):

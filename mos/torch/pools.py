@@ -63,4 +63,4 @@ class SharedPools(nn.Module):
     def extra_repr(self) -> str:
         c = self.shard_pool.config
         return (f"{self.shard_pool.name}: pool_a={tuple(self.pool_a.shape)}, pool_b={tuple(self.pool_b.shape)}, "
-                f"n_layers={self.n_layers}, r={c.r}, l={c.shards_per_vector}, p={c.private_rank}")
+                f"n_layers={self.n_layers}, r={self.rank}, l={c.shards_per_vector}, p={c.private_rank}")

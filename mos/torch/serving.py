@@ -181,7 +181,7 @@ class AdapterStore:
             total = 0
             for entries in self.model.adapter_paths(name).values():
                 for _, layer in entries:
-                    total += config.r * (layer.in_features + layer.out_features) * elem
+                    total += config.rank_for(layer.module_type) * (layer.in_features + layer.out_features) * elem
             out[name] = total
         return out
 
@@ -251,7 +251,7 @@ class AdapterStore:
             shared.pool_a.data = slice_a
             shared.pool_b.data = slice_b
             offsets[name] = (row_a, row_b)
-            scales[slots[name]] = self.model.peft_config[name].scaling
+            scales[slots[name]] = self.model.peft_config[name].scaling_for(module_type)
             row_a += n_a
             row_b += n_b
         max_rank = max(s.rank for _, s in entries)

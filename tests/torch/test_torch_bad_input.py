@@ -26,9 +26,13 @@ def _assert_unchanged(model, snapshot):
     (dict(target_modules=["mlp"]), "matches 'model.layers.0.mlp', a LlamaMLP; MoS adapts nn.Linear layers only"),
     (dict(target_modules="(unclosed"), "target_modules: invalid regex"),
     (dict(target_modules=[""]), "non-empty module names"),
-    (dict(target_modules=["q_proj"], shards_per_vector=3), r"module type 'q_proj' \(32 -> 32, 2 layers\): .*"),
-    (dict(target_modules=["q_proj"], r=8), r"module type 'q_proj'.*must be <= public shards"),
-    (dict(target_modules=["q_proj"], subset_selection=False), "module type 'q_proj'"),
+    (dict(target_modules=["q_proj"], shards_per_vector=3),
+     r"q_proj is 32 -> 32: shards_per_vector=3 must divide both; values that work: 1, 2, 4, 8, 16, 32$"),
+    (dict(target_modules=["q_proj"], rank_pattern={"q_proj": 8}),
+     r"q_proj has 2 layers: with equivalent_rank=3, private_rank=1, shards_per_vector=2, r can be at most 5 "),
+    (dict(target_modules=["q_proj"], subset_selection=False),
+     r"q_proj has 2 layers: without subset_selection .* r must be 5 "),
+    (dict(target_modules=["q_proj"], rank_pattern={"v_proj": 2}), r"rank_pattern names module type\(s\) \['v_proj'\]"),
     (dict(target_modules=["q_proj"], layer_pattern=r"\.\d+\."), "needs a group capturing the layer index"),
 ])
 def test_bad_targets_and_configs_raise_and_change_nothing(overrides, message):

@@ -120,7 +120,7 @@ def _rewrite_config(directory, **fields):
     (lambda d: _rewrite_config(d, rank=4), "unknown MoSConfig fields: rank"),
     (lambda d: _rewrite_config(d, peft_type="LORA"), "not a MoS adapter"),
     (lambda d: _rewrite_config(d, r=2), "key 'q_proj.index_a': shape"),
-    (lambda d: _rewrite_config(d, target_modules=["q_proj", "lm_head"]), "adapter_config.json: module type 'lm_head'"),
+    (lambda d: _rewrite_config(d, target_modules=["q_proj", "lm_head"]), r"saved for module types \[.*\], target_modules matches \['lm_head', 'q_proj'\]"),
     (lambda d: _rewrite_config(d, pool_dtype="float64"), r"key '\w+\.pool_a' has dtype torch.float32, the config says pool_dtype='float64'"),
     (lambda d: _rewrite(d, lambda t: t.pop("v_proj.pool_b")), "missing key 'v_proj.pool_b'"),
     (lambda d: _rewrite(d, lambda t: t.update({"extra.pool_a": torch.zeros(1)})), "unexpected key 'extra.pool_a'"),

@@ -1,0 +1,157 @@
+"""The first run works: default MoSConfig() on small real models, single-module types, one-layer
+regexes, and loading onto the wrong base, with errors in the config's own terms."""
+import json
+import re
+import warnings
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import mos
+from mos.budget import module_types_from_model, mos_budget
+from mos.torch import MoSModel, get_mos_model
+from torch_helpers import llama_inputs, make_llama, randomize_pools
+
+C_LOCATION = re.compile(r"\[\w+\.(c|cu|h|inc):\d+\]")
+
+
+def _bert():
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=3)
+    return transformers.BertForSequenceClassification(config)
+
+
+def _t5():
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def _opt():
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)
+    return transformers.OPTForCausalLM(config)
+
+
+def _inputs(kind):
+    ids = llama_inputs(seq=6) % 64
+    if kind == "t5":
+        return dict(input_ids=ids, decoder_input_ids=ids, labels=ids)
+    if kind == "bert":
+        return dict(input_ids=ids, labels=torch.tensor([0, 2]))
+    return dict(input_ids=ids, labels=ids)
+
+
+# kind -> (model factory, target_modules, {type: r the default config must use})
+ZOO = {
+    "llama-defaults": (make_llama, None, {"q_proj": 3, "v_proj": 3}),
+    "llama-all-linear": (make_llama, "all-linear", {t: 3 for t in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj")}),
+    "llama-lm_head": (make_llama, ["lm_head", "q_proj"], {"lm_head": 2, "q_proj": 3}),
+    "llama-one-layer-regex": (make_llama, r"model\.layers\.1\.self_attn\.q_proj", {"q_proj": 2}),
+    "bert": (_bert, None, {"query": 3, "value": 3}),
+    "t5": (_t5, None, {"q": 7, "v": 7}),  # encoder self, decoder self and cross attention: 6 layers
+    "opt": (_opt, None, {"q_proj": 3, "v_proj": 3}),
+}
+
+
+def _build(kind, seed=0):
+    torch.manual_seed(seed)
+    return ZOO[kind][0]().eval()
+
+
+@pytest.mark.parametrize("kind", sorted(ZOO))
+def test_default_config_works_on_every_model(kind, tmp_path):
+    _, targets, ranks = ZOO[kind]
+    base = _build(kind)
+    inputs = _inputs(kind.split("-")[0])
+    with pytest.warns(UserWarning) as record:
+        model = get_mos_model(base, mos.MoSConfig(target_modules=targets))
+    message = " ".join(str(w.message) for w in record if "MoS:" in str(w.message))
+    for module_type, r in ranks.items():  # the warning names each lowered type and the r it uses
+        assert re.search(rf"\b{module_type} \(\d+ layers?\): r={r}\b", message), message
+    config = model.peft_config["default"]
+    assert config.rank_pattern == ranks and config.r == 8
+    for module_type, r in ranks.items():
+        assert model.mos_pools["default"][module_type].index_a.shape[1] == r * config.shards_per_vector
+
+    # Trains: every pool gets a gradient (after one step the B-pools are nonzero).
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert all(p.abs().sum() > 0 for p in model.mos_pools["default"].parameters())
+
+    # The saved adapter records the per-type ranks and loads exactly, without lowering again.
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == ranks
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = MoSModel.from_pretrained(_build(kind), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)
+
+
+def test_trainable_count_matches_the_budget_with_lowered_ranks():
+    base = make_llama()
+    with pytest.warns(UserWarning):
+        model = get_mos_model(base, mos.MoSConfig(target_modules="all-linear"))
+        budget = mos_budget(module_types_from_model(make_llama(), list(model.mos_pools["default"])),
+                            mos.MoSConfig())
+    assert model.get_nb_trainable_parameters()[0] == budget.trainable_params
+
+
+def test_lowered_ranks_export_to_peft_with_equal_outputs(tmp_path):
+    # scale = lora_alpha / r of the type, as PEFT's rank_pattern does: the LoRA export agrees.
+    with pytest.warns(UserWarning):
+        model = get_mos_model(make_llama(), mos.MoSConfig(target_modules=["lm_head", "q_proj", "v_proj"],
+                                                          rank_pattern={"v_proj": 2}))
+    randomize_pools(model)
+    ids = llama_inputs()
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.export_lora(tmp_path / "lora")
+    lora = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "lora")
+    ranks = {name.rsplit(".", 1)[-1]: m.r["default"] for name, m in lora.named_modules()
+             if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert ranks == {"lm_head": 2, "q_proj": 3, "v_proj": 2}
+    with torch.no_grad():
+        np.testing.assert_allclose(lora(ids).logits.numpy(), expected.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_explicit_rank_that_does_not_fit_says_what_would():
+    with pytest.raises(ValueError) as err:
+        get_mos_model(make_llama(num_hidden_layers=4),
+                      mos.MoSConfig(target_modules=["q_proj"], rank_pattern={"q_proj": 8}))
+    assert str(err.value).startswith("q_proj has 4 layers: with equivalent_rank=2, private_rank=1, "
+                                     "shards_per_vector=2, r can be at most 5 (got r=8)")
+
+
+def test_loading_onto_a_base_with_fewer_layers_names_the_modules(tmp_path):
+    model = get_mos_model(make_llama(num_hidden_layers=4), mos.MoSConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"was saved for modules \['model\.layers\.0\.self_attn\.q_proj', .*"
+                                         r"this model's matches are .*layers\.1\.self_attn\.q_proj'\]") as err:
+        MoSModel.from_pretrained(make_llama(num_hidden_layers=2), tmp_path)
+    assert not C_LOCATION.search(str(err.value))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: mos._C.pool_shape(8, 8, 0, 4, 2, 2, 1, True),
+    lambda: mos.functional.forward(np.ones((2, 9), np.float32), np.zeros((8, 4), np.float32),
+                                   np.arange(4, dtype=np.int32), np.zeros((8, 4), np.float32),
+                                   np.arange(4, dtype=np.int32), scale=1.0),
+])
+def test_core_errors_carry_no_source_location(call):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert not C_LOCATION.search(str(err.value)), str(err.value)
