@@ -22,11 +22,15 @@ def set_num_threads(n):
     return _C.set_num_threads(n)
 
 
-_TORCH_EXPORTS = ("get_mos_model", "MoSModel")
+_TORCH_EXPORTS = ("get_mos_model", "MoSModel", "MoSTrainer")
 
 
 def __getattr__(name):
-    # The torch integration is imported on first use, so `import mos` never imports torch.
+    # The torch integration is imported on first use, so `import mos` never imports torch
+    # (and MoSTrainer, the only part that needs transformers, imports it only when asked for).
+    if name == "MoSTrainer":
+        from .torch.trainer import MoSTrainer
+        return MoSTrainer
     if name in _TORCH_EXPORTS:
         from . import torch as _mos_torch
         return getattr(_mos_torch, name)

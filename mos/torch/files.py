@@ -102,7 +102,11 @@ def read_adapter(directory: str) -> AdapterFiles:
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         missing = weights_path if os.path.isfile(config_path) else config_path
-        raise FileNotFoundError(f"{missing}: no such file (expected a MoS adapter directory)")
+        hint = ""
+        if os.path.isfile(os.path.join(directory, "model.safetensors")):
+            hint = ("; this directory holds a whole model.safetensors, as transformers.Trainer writes "
+                    "for a model it does not know as an adapter: train with mos.torch.MoSTrainer")
+        raise FileNotFoundError(f"{missing}: no such file (expected a MoS adapter directory){hint}")
     try:
         with safe_open(weights_path, framework="pt") as f:
             metadata = f.metadata() or {}

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import os
+import types
 from contextlib import contextmanager
 
 from torch import nn
@@ -44,6 +47,32 @@ class MoSModel(nn.Module):
         self.peft_config = {}
         self.active_adapter = None
         self._inference_adapters = set()
+        self._expose_forward_signature()
+
+    def _expose_forward_signature(self):
+        """Gives this instance's forward the base model's parameters (plus adapter_names) as its
+        signature. transformers.Trainer keeps only the dataset columns that
+        inspect.signature(model.forward) names (remove_unused_columns=True); `*args, **kwargs`
+        would make it drop every column."""
+        try:
+            base = inspect.signature(self.base_model.forward)
+        except (TypeError, ValueError):
+            return
+        params = [p for p in base.parameters.values() if p.name not in ("self", "adapter_names")]
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+        params.insert(0, inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY))
+        try:
+            signature = base.replace(parameters=params)
+        except ValueError:
+            return
+
+        def forward(self, *args, **kwargs):
+            return MoSModel.forward(self, *args, **kwargs)
+
+        functools.update_wrapper(forward, MoSModel.forward)
+        forward.__signature__ = signature
+        self.forward = types.MethodType(forward, self)
 
     def __getattr__(self, name):
         try:
@@ -55,6 +84,11 @@ class MoSModel(nn.Module):
 
     # ------------------------------------------------------------------ running
     def forward(self, *args, adapter_names=None, **kwargs):
+        """Runs the base model with the active adapter; arguments are the base model's forward's.
+
+        adapter_names: None (every sample uses the active adapter) or a list with one adapter
+        name per sample of the batch, "__base__" for a sample that should run on the base model
+        alone (PEFT's mixed-batch API; inference only, see docs/serving.md)."""
         if adapter_names is not None:  # one adapter per sample, "__base__" for none (serving.py)
             from .serving import mixed_batch
             with mixed_batch(self, adapter_names, args, kwargs):
@@ -95,18 +129,24 @@ class MoSModel(nn.Module):
     def load_adapter(self, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
         """Adds the adapter saved in `directory` under `adapter_name`; nothing changes if it is invalid."""
         self._add(adapter_name, None, state=files.read_adapter(directory), is_trainable=is_trainable)
+        if not is_trainable:
+            self.eval()  # as PEFT: dropout off unless the adapter is loaded for training
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str, adapter_name: str = "default",
                         is_trainable: bool = False) -> "MoSModel":
         """Wraps `base_model` with the adapter saved in `directory` (index tables loaded, never
-        redrawn). Invalid files raise ValueError naming the key and leave base_model untouched."""
+        redrawn). Invalid files raise ValueError naming the key and leave base_model untouched.
+        As PEFT, the model comes back in eval mode with frozen pools; is_trainable=True keeps the
+        base model's mode and makes the pools trainable."""
         state = files.read_adapter(directory)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init_empty(base_model)
         self._add(adapter_name, None, state=state, is_trainable=is_trainable)
         self.set_adapter(adapter_name)
+        if not is_trainable:
+            self.eval()  # as PEFT: dropout off; is_trainable=True keeps the base model's mode
         return self
 
     def _add(self, adapter_name, config, state, is_trainable=True):
