@@ -78,17 +78,17 @@ def mos_settings(key: str, shape: ModelShape) -> dict:
     """MoS's settings for one variant at this shape: p = 1 when the pools can hold it, else 0."""
     from mos import MoSConfig
     from mos.budget import llama_module_types, mos_budget
+    from mos.ranks import max_rank
 
     budget, r, l = MOS_VARIANTS[key]
     types = llama_module_types(shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers,
                                shape.num_attention_heads, target_modules=quality.TARGETS)
     for p in (1, 0):
         kw = dict(r=r, equivalent_rank=budget, shards_per_vector=l, private_rank=p)
-        try:
-            mos_budget(types, MoSConfig(**kw))
-        except ValueError:
-            continue
-        return kw
+        config = MoSConfig(**kw)
+        if r <= max_rank(shape.num_hidden_layers, config):  # else MoS would lower r for every type
+            mos_budget(types, config)  # checks the shapes
+            return kw
     raise ValueError(f"{key}: no private rank fits {shape.num_hidden_layers} layers with r={r}, R_e={budget}, l={l}")
 
 
