@@ -1,6 +1,7 @@
 """MoSLinear: an nn.Linear with MoS adapters whose A and B come from shared pools."""
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,11 @@ from torch import nn
 from .ops import adapter_linear
 from .pools import SharedPools
 
-__all__ = ["MoSLinear"]
+__all__ = ["MoSLinear", "MIXED_BATCH"]
+
+# The mixed-adapter batch the current thread (or task) is running, set by mos.torch.serving. It is
+# per-call state, so it lives in the call's context, never on layers shared by concurrent calls.
+MIXED_BATCH = ContextVar("mos_mixed_batch", default=None)
 
 
 @dataclass
@@ -52,7 +57,6 @@ class MoSLinear(nn.Module):
         self.disable_adapters = False
         self.merged_adapters = []
         self._slots = {}  # adapter name -> _AdapterSlot; a plain dict so nothing is registered twice
-        self._mixed_batch = None  # set by mos.torch.serving while a mixed-adapter batch runs
 
     # ------------------------------------------------------------------ passthrough
     @property
@@ -118,8 +122,9 @@ class MoSLinear(nn.Module):
         #   active adapter merged or absent -> base layer only (its update is in the weight, or none)
         #   otherwise                       -> base layer + adapter update
         #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (serving.py)
-        if self._mixed_batch is not None:
-            return self._mixed_batch.forward(self, x, *args, **kwargs)
+        batch = MIXED_BATCH.get()
+        if batch is not None and batch.serves(self):
+            return batch.forward(self, x, *args, **kwargs)
         if adapter_names is not None:
             raise NotImplementedError("a single MoSLinear does not take adapter_names; pass them to the "
                                       "MoSModel (model(..., adapter_names=[...]) or model.generate(...)), "

@@ -32,8 +32,9 @@ import torch
 
 from .. import _C
 from . import files
-from .layer import MoSLinear
+from .layer import MIXED_BATCH, MoSLinear
 from .ops import _export, adapter_linear, core_supports
+from .rwlock import ReadWriteLock
 
 __all__ = ["AdapterStore", "BASE_ADAPTER", "mixed_batch"]
 
@@ -72,38 +73,57 @@ class _LayerPack:
         return self.handles
 
 
+@dataclass(frozen=True)
+class _Packing:
+    """One consistent state of the store; a request sees the one it started with to its end."""
+    names: tuple = ()         # slot k -> adapter name
+    slots: dict = None        # adapter name -> slot
+    types: dict = None        # (module type, l) -> _TypePack
+    layers: dict = None       # MoSLinear -> [_LayerPack, one per bank serving it]
+    all_layers: frozenset = frozenset()  # every MoSLinear of the model
+    fingerprint: tuple = None
+
+    def slot(self, name: str) -> int:
+        if name == BASE_ADAPTER:
+            return -1
+        try:
+            return self.slots[name]
+        except KeyError:
+            raise ValueError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.slots)} "
+                             f"(or {BASE_ADAPTER!r} for the base model alone)") from None
+
+
 class AdapterStore:
     """Every adapter of a MoSModel, packed for mixed-adapter batches (see the module docstring).
 
     The store follows the model: adapters added, loaded or deleted on the model are picked up at the
-    next mixed batch (or refresh()); load()/unload() add and remove adapters through files."""
+    next mixed batch (or refresh()); load()/unload() add and remove adapters through files.
+
+    Threads: any number of mixed batches may run at once, each on its own thread; load(), unload()
+    and repacks wait for the batches in flight and hold back new ones, so a request sees one
+    consistent set of adapters from its first layer to its last. Change adapters while serving
+    through the store, not through the model's add_adapter/delete_adapter, which take no lock."""
 
     def __init__(self, model):
         self.model = model
-        self._names = []          # slot k -> adapter name
-        self._slots = {}          # adapter name -> slot
-        self._types = {}          # (module type, l) -> _TypePack
-        self._layers = {}         # MoSLinear -> [_LayerPack, one per bank serving it]
-        self._all_layers = []     # every MoSLinear of the model
-        self._fingerprint = None
+        self._lock = ReadWriteLock()
+        self._packing = _Packing(slots={}, types={}, layers={})
+
+    # The current packing's parts, for inspection.
+    _names = property(lambda self: list(self._packing.names))
+    _slots = property(lambda self: self._packing.slots)
+    _types = property(lambda self: self._packing.types)
+    _layers = property(lambda self: self._packing.layers)
+    _all_layers = property(lambda self: list(self._packing.all_layers))
 
     # ------------------------------------------------------------------ adapters
     @property
     def adapter_names(self) -> list:
-        self.sync()
-        return list(self._names)
+        return list(self._synced().names)
 
     def slot(self, name: str, sync: bool = True) -> int:
         """The id rows of adapter `name` carry in the batched call (-1 for "__base__")."""
-        if name == BASE_ADAPTER:
-            return -1
-        if sync:
-            self.sync()
-        try:
-            return self._slots[name]
-        except KeyError:
-            raise ValueError(f"unknown adapter {name!r}; loaded adapters: {sorted(self._slots)} "
-                             f"(or {BASE_ADAPTER!r} for the base model alone)") from None
+        return (self._synced() if sync else self._packing).slot(name)
 
     def load(self, directory: str, adapter_name: str) -> None:
         """Loads the adapter saved in `directory` (save_pretrained) next to the others. Refuses, and
@@ -111,35 +131,41 @@ class AdapterStore:
         if adapter_name == BASE_ADAPTER:
             raise ValueError(f"{BASE_ADAPTER!r} is reserved for rows that run the base model alone")
         saved = files.read_adapter(directory)
-        self.sync()
-        for other in self._names:
-            other_dtype = self.model.peft_config[other].pool_dtype
-            if saved.config.pool_dtype != other_dtype:
-                raise ValueError(f"{os.path.join(directory, files.CONFIG_NAME)}: pool_dtype "
-                                 f"{saved.config.pool_dtype!r} differs from the store's {other_dtype!r} "
-                                 f"(adapter {other!r}); adapters served together share one pool dtype")
-            break
-        self.model.load_adapter(directory, adapter_name)
-        try:
-            self.refresh()
-        except Exception:
-            self.model.delete_adapter(adapter_name)
-            self.refresh()
-            raise
+        with self._lock.write():
+            self._sync_locked()
+            for other in self._packing.names:
+                other_dtype = self.model.peft_config[other].pool_dtype
+                if saved.config.pool_dtype != other_dtype:
+                    raise ValueError(f"{os.path.join(directory, files.CONFIG_NAME)}: pool_dtype "
+                                     f"{saved.config.pool_dtype!r} differs from the store's {other_dtype!r} "
+                                     f"(adapter {other!r}); adapters served together share one pool dtype")
+                break
+            self.model.load_adapter(directory, adapter_name)
+            try:
+                self._repack()
+            except Exception:
+                self.model.delete_adapter(adapter_name)
+                self._repack()
+                raise
 
     def unload(self, adapter_name: str, save_directory: str | None = None) -> None:
         """Removes an adapter (after writing it to `save_directory` when given); the others keep
         their values and outputs."""
-        if adapter_name not in self.model.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: "
-                             f"{sorted(self.model.peft_config)}")
-        if save_directory is not None:
-            self.save(adapter_name, save_directory)
-        self.model.delete_adapter(adapter_name)
-        self.refresh()
+        with self._lock.write():
+            if adapter_name not in self.model.peft_config:
+                raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: "
+                                 f"{sorted(self.model.peft_config)}")
+            if save_directory is not None:
+                self._save(adapter_name, save_directory)
+            self.model.delete_adapter(adapter_name)
+            self._repack()
 
     def save(self, adapter_name: str, directory: str) -> None:
         """Writes one adapter to `directory` (adapter_config.json + adapter_model.safetensors)."""
+        with self._lock.read():
+            self._save(adapter_name, directory)
+
+    def _save(self, adapter_name, directory):
         if adapter_name not in self.model.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: "
                              f"{sorted(self.model.peft_config)}")
@@ -151,17 +177,17 @@ class AdapterStore:
     def resident_bytes(self) -> dict:
         """{adapter name: bytes it keeps resident}: its pools, its index tables and its rows of
         the store's per-layer tables, ranks and scales."""
-        self.sync()
+        packing = self._synced()
         out = {}
-        for name in self._names:
+        for name in packing.names:
             total = 0
             for shared in self.model.mos_pools[name].values():
                 total += sum(t.numel() * t.element_size()
                              for t in (shared.pool_a, shared.pool_b, shared.index_a, shared.index_b))
-            for packs in self._layers.values():
+            for packs in packing.layers.values():
                 for layer_pack in packs:
                     total += (layer_pack.index_a.shape[1] * 2 + 1) * 4
-            for pack in self._types.values():
+            for pack in packing.types.values():
                 total += pack.scales.element_size()
             out[name] = total
         return out
@@ -173,9 +199,8 @@ class AdapterStore:
     def lora_bytes(self) -> dict:
         """{adapter name: bytes of the same adapter as plain LoRA at its forward rank r}: an A
         (r, d_in) and a B (d_out, r) per adapted layer, in the pool dtype."""
-        self.sync()
         out = {}
-        for name in self._names:
+        for name in self._synced().names:
             config = self.model.peft_config[name]
             elem = torch.empty((), dtype=getattr(torch, config.pool_dtype)).element_size()
             total = 0
@@ -188,20 +213,56 @@ class AdapterStore:
     # ------------------------------------------------------------------ packing
     def _current_fingerprint(self):
         # Layers are wrapped and unwrapped only when adapters come and go, which changes the pools
-        # too; moving or casting the model changes their storage.
+        # too; moving or casting the model changes their storage. load_state_dict writes the
+        # tables in place, which bumps their version counters (pool values need no repack: the
+        # adapters' pools are views of the store's).
         return tuple((id(shared), shared.pool_a.data_ptr(), shared.pool_b.data_ptr(),
-                      shared.index_a.data_ptr())
+                      shared.index_a.data_ptr(), shared.index_a._version,
+                      shared.index_b.data_ptr(), shared.index_b._version)
                      for pools in self.model.mos_pools.values() for shared in pools.values())
 
-    def sync(self) -> None:
-        """Repacks when the model's adapters, their storage or its layers changed."""
-        if self._current_fingerprint() != self._fingerprint:
-            self.refresh()
+    def _fresh(self) -> bool:
+        return self._packing.fingerprint == self._current_fingerprint()
 
-    @torch.no_grad()
+    def sync(self) -> None:
+        """Repacks when the model's adapters, their storage, their index tables or its layers changed."""
+        self._synced()
+
+    def _synced(self) -> _Packing:
+        if self._lock.reading():  # inside a request of this thread: its packing stays
+            return self._packing
+        with self._lock.write():
+            self._sync_locked()
+            return self._packing
+
+    def _sync_locked(self):
+        if not self._fresh():
+            self._repack()
+
     def refresh(self) -> None:
         """Packs every adapter of the model again (values are copied exactly, so outputs of adapters
         that stay do not change)."""
+        with self._lock.write():
+            self._repack()
+
+    @contextmanager
+    def request(self):
+        """Holds the store still for one mixed batch; yields the packing it runs with."""
+        nested = self._lock.reading()  # a batch inside a batch of this thread keeps the outer packing
+        self._lock.acquire_read()
+        try:
+            while not nested and not self._fresh():
+                self._lock.release_read()
+                try:
+                    self._synced()
+                finally:
+                    self._lock.acquire_read()
+            yield self._packing
+        finally:
+            self._lock.release_read()
+
+    @torch.no_grad()
+    def _repack(self) -> None:
         model = self.model
         names = list(model.peft_config)
         slots = {name: k for k, name in enumerate(names)}
@@ -212,14 +273,14 @@ class AdapterStore:
                 banks.setdefault(key, []).append((name, shared))
         types = {key: self._pack_type(key, entries, slots, len(names)) for key, entries in banks.items()}
         layers = {}
-        for layer in _mos_layers(model):
+        all_layers = _mos_layers(model)
+        for layer in all_layers:
             packs = [self._pack_layer(layer, pack, names) for (module_type, _), pack in types.items()
                      if module_type == layer.module_type and set(pack.offsets) & set(layer.adapter_names)]
             if packs:
                 layers[layer] = packs
-        self._names, self._slots, self._types, self._layers = names, slots, types, layers
-        self._all_layers = _mos_layers(model)
-        self._fingerprint = self._current_fingerprint()
+        self._packing = _Packing(tuple(names), slots, types, layers, frozenset(all_layers),
+                                 self._current_fingerprint())
 
     def _pack_type(self, key, entries, slots, n_slots):
         module_type, l = key
@@ -279,7 +340,7 @@ class AdapterStore:
 
     def layer_packs(self, layer) -> list:
         """The banks serving `layer` ([] when no adapter adapts it)."""
-        return self._layers.get(layer, [])
+        return self._packing.layers.get(layer, [])
 
     def __repr__(self):
         return f"AdapterStore(adapters={self._names}, banks={sorted(self._types)})"
@@ -320,12 +381,18 @@ def plan_rows(sample_slots, rows_per_sample: int, device):
 
 
 class _MixedBatch:
-    """Per-call state of a mixed-adapter forward: one slot per sample, expanded to rows per shape."""
+    """Per-call state of a mixed-adapter forward: the store's packing it runs with and one slot per
+    sample, expanded to rows per shape. It travels in a context variable, never on the layers, so
+    concurrent calls on one model each see their own."""
 
-    def __init__(self, store: AdapterStore, sample_slots: list):
-        self.store = store
+    def __init__(self, packing: _Packing, sample_slots: list):
+        self.packing = packing
         self.sample_slots = np.asarray(sample_slots, dtype=np.int32)
         self._rows = {}  # (rows, device) -> (ids, segments or None, grouped)
+
+    def serves(self, layer: MoSLinear) -> bool:
+        """Whether `layer` belongs to the model this batch runs (not, say, to a draft model)."""
+        return layer in self.packing.all_layers
 
     def rows(self, n_rows: int, device):
         key = (n_rows, str(device))
@@ -343,7 +410,7 @@ class _MixedBatch:
 
     def forward(self, layer: MoSLinear, x, *args, **kwargs):
         result = layer.base_layer(x, *args, **kwargs)
-        packs = self.store.layer_packs(layer)
+        packs = self.packing.layers.get(layer, [])
         if not packs:
             return result
         d_in = x.shape[-1]
@@ -386,7 +453,7 @@ class _MixedBatch:
         ids = ids.cpu().numpy()
         x2 = x.reshape(-1, x.shape[-1])
         out = result.reshape(-1, result.shape[-1]).clone()
-        names = self.store._names
+        names = self.packing.names
         for slot in np.unique(ids[ids >= 0]):
             name = names[slot]
             if name not in layer.adapter_names:
@@ -427,27 +494,23 @@ def mixed_batch(model, adapter_names, args=(), kwargs=None):
             raise TypeError(f"adapter_names must hold strings, got {name!r}")
     if model.training:
         raise ValueError("adapter_names (mixed-adapter batches) is inference-only; call model.eval() first")
-    store = model.adapter_store
-    store.sync()
-    layers = store._all_layers
-    merged = sorted({n for layer in layers for n in layer.merged_adapters})
-    if merged:
-        raise ValueError(f"adapter(s) {merged} are merged into the base weights, which would apply them "
-                         f"to every sample; call unmerge_adapter() before passing adapter_names")
-    if any(layer.disable_adapters for layer in layers):
-        raise ValueError("adapter_names cannot be used inside disable_adapter(); pass "
-                         f"{BASE_ADAPTER!r} for samples that should run the base model alone")
-    batch = _batch_size(args, kwargs or {})
-    if batch is not None and batch != len(adapter_names):
-        raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} "
-                         f"samples; pass one adapter name per sample")
-    state = _MixedBatch(store, [store.slot(name, sync=False) for name in adapter_names])
-    previous = [(layer, layer._mixed_batch) for layer in layers]
-    for layer in layers:
-        layer._mixed_batch = state
-    try:
-        with torch.no_grad():
-            yield state
-    finally:
-        for layer, old in previous:
-            layer._mixed_batch = old
+    with model.adapter_store.request() as packing:
+        layers = packing.all_layers
+        merged = sorted({n for layer in layers for n in layer.merged_adapters})
+        if merged:
+            raise ValueError(f"adapter(s) {merged} are merged into the base weights, which would apply "
+                             f"them to every sample; call unmerge_adapter() before passing adapter_names")
+        if any(layer.disable_adapters for layer in layers):
+            raise ValueError("adapter_names cannot be used inside disable_adapter(); pass "
+                             f"{BASE_ADAPTER!r} for samples that should run the base model alone")
+        batch = _batch_size(args, kwargs or {})
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} "
+                             f"samples; pass one adapter name per sample")
+        state = _MixedBatch(packing, [packing.slot(name) for name in adapter_names])
+        token = MIXED_BATCH.set(state)
+        try:
+            with torch.no_grad():
+                yield state
+        finally:
+            MIXED_BATCH.reset(token)
