@@ -1,20 +1,16 @@
 """MoSLinear: an nn.Linear with MoS adapters whose A and B come from shared pools."""
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .call_context import current_batch
 from .ops import adapter_linear
 from .pools import SharedPools
 
-__all__ = ["MoSLinear", "MIXED_BATCH"]
-
-# The mixed-adapter batch the current thread (or task) is running, set by mos.torch.serving. It is
-# per-call state, so it lives in the call's context, never on layers shared by concurrent calls.
-MIXED_BATCH = ContextVar("mos_mixed_batch", default=None)
+__all__ = ["MoSLinear"]
 
 
 @dataclass
@@ -122,7 +118,7 @@ class MoSLinear(nn.Module):
         #   active adapter merged or absent -> base layer only (its update is in the weight, or none)
         #   otherwise                       -> base layer + adapter update
         #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (serving.py)
-        batch = MIXED_BATCH.get()
+        batch = current_batch()  # set by mos.torch.serving, per call
         if batch is not None and batch.serves(self):
             return batch.forward(self, x, *args, **kwargs)
         if adapter_names is not None:

@@ -32,7 +32,8 @@ import torch
 
 from .. import _C
 from . import files
-from .layer import MIXED_BATCH, MoSLinear
+from .call_context import running
+from .layer import MoSLinear
 from .ops import _export, adapter_linear, core_supports
 from .rwlock import ReadWriteLock
 
@@ -508,9 +509,5 @@ def mixed_batch(model, adapter_names, args=(), kwargs=None):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} "
                              f"samples; pass one adapter name per sample")
         state = _MixedBatch(packing, [packing.slot(name) for name in adapter_names])
-        token = MIXED_BATCH.set(state)
-        try:
-            with torch.no_grad():
-                yield state
-        finally:
-            MIXED_BATCH.reset(token)
+        with running(state), torch.no_grad():
+            yield state

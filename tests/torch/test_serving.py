@@ -135,7 +135,7 @@ def test_mixed_batches_refuse_what_they_cannot_serve():
         with pytest.raises(ValueError, match="disable_adapter"):
             model(ids, adapter_names=["alpha", "beta"])
     # Nothing stuck: the layers are back to their single-adapter behaviour.
-    assert mos.torch.layer.MIXED_BATCH.get() is None
+    assert mos.torch.call_context.current_batch() is None
     with torch.no_grad():
         model(ids, adapter_names=["alpha", "beta"])
 
