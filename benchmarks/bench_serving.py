@@ -194,8 +194,7 @@ class AdapterPath:
         y = x.new_zeros((x.shape[0], self.args.dim))
         options = {}
         if x.device.type == "cuda":
-            n_seg = -1 if segments is None else segments.shape[0] - 1
-            nbytes = _C.batched_workspace_bytes(x.shape[0], self.max_rank, x.element_size(), grouped, n_seg)
+            nbytes = _C.batched_workspace_bytes(x.shape[0], self.max_rank, x.element_size(), grouped)
             options = {"workspace": _export(torch.empty(max(nbytes, 256), dtype=torch.uint8, device=x.device)),
                        "stream": torch.cuda.current_stream().cuda_stream or 1}
         pool_a, index_a, pool_b, index_b, scales = self.handles

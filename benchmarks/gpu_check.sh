@@ -1,19 +1,150 @@
 #!/usr/bin/env bash
-# One GPU check: build with CUDA (warnings as errors), run the CUDA tests, then time on the GPU
-# (CUDA events, medians) and print one table. Meant to finish within 8 minutes on an H100/H200.
-#   usage: benchmarks/gpu_check.sh            (from the repository root, torch with CUDA installed)
-# Wheels the build needs (scipy-openblas32, and nvidia-cublas if the toolkit lacks cuBLAS) may be
-# pre-installed or placed in ./.whl (installed from there without an index).
-set -euo pipefail
+# The one GPU check: build with CUDA, run every CUDA test, memcheck and racecheck the kernels, time
+# the GPU benchmarks, and print one results table last. Every step runs whatever the others did,
+# under its own timeout; the timeouts add up to under 7 minutes. Made for a machine without a
+# package index: the wheels the build needs come from ./.whl (scripts/gpu_wheels.sh fills it).
+#
+#   benchmarks/gpu_check.sh OUTDIR            run it (from any directory); OUTDIR gets log.txt,
+#                                             results.md and each step's own log
+#   benchmarks/gpu_check.sh --dry-run [OUTDIR]  check the plan here, without a GPU: the wheels in
+#                                             .whl resolve for CPython 3.12 manylinux x86_64, the
+#                                             files each step runs exist, the timeouts fit
+#
+# Environment: PYTHON (default python3), WHEEL_DIR (default .whl), MOS_COMMIT (the commit to stamp
+# on the results, when the tree travels without .git), MOS_CUDA_ARCHS (default 90: sm_90 only).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+
 PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps .whl/*.whl
+WHEELS=${WHEEL_DIR:-.whl}
+PY_VERSION=3.12
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64)
+# Step timeouts in seconds: with the kill grace of each, under 420 s (7 minutes) in all.
+T_BUILD=100 T_TESTS=110 T_MEMCHECK=75 T_RACECHECK=30 T_BENCH=80
+KILL_AFTER=2  # seconds between a timeout's TERM and its KILL
+CORE_CUDA_TESTS=(tests/test_cuda_ops.py tests/test_serving_ops.py)
+
+dry_run=0
+if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
+OUT=${1:-}
+if [ -z "$OUT" ]; then
+    if [ $dry_run = 1 ]; then OUT=$(mktemp -d); else echo "usage: $0 [--dry-run] OUTDIR" >&2; exit 2; fi
 fi
-MOS_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e .
-$PY -c "import mos, torch; assert mos.build_info()['cuda'] and torch.cuda.is_available(); print(mos.build_info(), torch.cuda.get_device_name())"
-# every device-parametrized test, cuda included (core ops, CUDA-only checks, torch layer)
-timeout 300 $PY -m pytest -q -x tests -k "cuda" -p no:cacheprovider
-timeout 180 $PY benchmarks/gpu_bench.py "$@"
-# serving: batched many-adapter forward vs PEFT mixed batches, decode bandwidth, skewed vs single adapter
-timeout 150 $PY benchmarks/bench_serving.py --device cuda --adapters 1 64 512 --runs 10
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SCRATCH=$(mktemp -d)  # OUTDIR keeps to a few files; the rest lives here
+trap 'rm -rf "$SCRATCH"' EXIT
+SITE=$SCRATCH/site  # the carried wheels are installed here, never into the image's environment
+
+total=$((T_BUILD + T_TESTS + T_MEMCHECK + T_RACECHECK + T_BENCH + 5 * KILL_AFTER))
+
+dry_run_checks() {
+    local ok=0
+    echo "step timeouts: build $T_BUILD + tests $T_TESTS + memcheck $T_MEMCHECK + racecheck" \
+         "$T_RACECHECK + benchmarks $T_BENCH + 5 x $KILL_AFTER s kill grace = $total s (limit 420 s)"
+    [ "$total" -lt 420 ] || { echo "FAIL: the step timeouts add up to $total s >= 420 s"; ok=1; }
+    shopt -s nullglob
+    local wheels=("$WHEELS"/*.whl)
+    [ ${#wheels[@]} -gt 0 ] || { echo "FAIL: no wheels in $WHEELS (run scripts/gpu_wheels.sh)"; return 1; }
+    for name in scipy_openblas32 setuptools; do
+        local found=("$WHEELS"/"$name"-*.whl)
+        [ ${#found[@]} = 1 ] || { echo "FAIL: expected one $name wheel in $WHEELS, found ${#found[@]}"; ok=1; }
+    done
+    # The set must install for the GPU machine's Python without an index, dependencies included.
+    local platform_args=()
+    for p in "${PLATFORMS[@]}"; do platform_args+=(--platform "$p"); done
+    if ! "$PY" -m pip install --dry-run --quiet --no-index --find-links "$WHEELS" --only-binary=:all: \
+            --python-version "$PY_VERSION" --implementation cp "${platform_args[@]}" \
+            --target "$SCRATCH/dry-run-target" "${wheels[@]}"; then
+        echo "FAIL: the wheels in $WHEELS do not resolve for CPython $PY_VERSION manylinux x86_64"; ok=1
+    fi
+    local setuptools_version
+    setuptools_version=$(basename "$WHEELS"/setuptools-*.whl | cut -d- -f2)
+    [ "${setuptools_version%%.*}" -ge 77 ] 2>/dev/null ||
+        { echo "FAIL: setuptools $setuptools_version is older than 77 (pyproject's license string)"; ok=1; }
+    for f in setup.py benchmarks/gpu_bench.py benchmarks/gpu_grouped_calls.py "${CORE_CUDA_TESTS[@]}"; do
+        [ -f "$f" ] || { echo "FAIL: $f is missing"; ok=1; }
+    done
+    "$PY" -m py_compile benchmarks/gpu_bench.py benchmarks/gpu_grouped_calls.py || ok=1
+    [ $ok = 0 ] && echo "dry run OK: ${#wheels[@]} wheels resolve, steps and files in place"
+    return $ok
+}
+
+if [ $dry_run = 1 ]; then
+    dry_run_checks
+    exit $?
+fi
+
+LOG=$OUT/log.txt
+RESULTS=$OUT/results.md
+: >"$LOG"
+STEPS=()
+log() { echo "$@" | tee -a "$LOG"; }
+
+# step NAME TIMEOUT CMD...: runs CMD (a program or one of the exported functions below) with a
+# timeout, its output into OUT/NAME.log and the full log; records the outcome for the table and
+# never stops the script.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    log ""
+    log "=== $name (timeout ${limit}s): $*"
+    local start=$SECONDS rc
+    timeout --kill-after="$KILL_AFTER" "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    cat "$OUT/$name.log" >>"$LOG"
+    local took=$((SECONDS - start)) verdict=ok
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then verdict="TIMED OUT"; elif [ "$rc" != 0 ]; then verdict="FAILED (exit $rc)"; fi
+    STEPS+=("| $name | $verdict | ${took}s | $(summary "$OUT/$name.log") |")
+    log "=== $name: $verdict after ${took}s"
+}
+
+# A step's last pytest summary line and sanitizer summary line, joined.
+summary() {
+    { grep -E "^=* *[0-9]+ (passed|failed|skipped|errors?|deselected)" "$1" | tail -1
+      grep -E "(ERROR|RACECHECK) SUMMARY" "$1" | tail -1; } |
+        sed 's/=//g; s/|/\//g; s/^ *//; s/ *$//' | paste -sd ';' -
+}
+
+install_and_build() {
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "$WHEELS"/*.whl || return
+    rm -f mos/_C*.so
+    MOS_CUDA=1 MOS_CUDA_ARCHS=${MOS_CUDA_ARCHS:-90} "$PY" setup.py -q build_ext --inplace || return
+    "$PY" -c "import mos, torch; info = mos.build_info(); print(info, torch.__version__, \
+torch.cuda.get_device_name()); assert info['cuda'] and torch.cuda.is_available()"
+}
+
+sanitizer() {
+    local tool=$1
+    shift
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        --print-limit 20 "$@"
+}
+
+export -f install_and_build sanitizer
+export PY WHEELS SITE
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+log "gpu_check: $(date -u +%FT%TZ), commit ${MOS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+log "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+
+step build "$T_BUILD" install_and_build
+step tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests -k cuda --maxfail=30 -rfE --durations=10
+step memcheck "$T_MEMCHECK" sanitizer memcheck "$PY" -m pytest -q -p no:cacheprovider \
+    "${CORE_CUDA_TESTS[@]}" -k cuda --maxfail=30 -rfE
+step racecheck "$T_RACECHECK" sanitizer racecheck --racecheck-report hazard "$PY" benchmarks/gpu_grouped_calls.py
+step benchmarks "$T_BENCH" "$PY" benchmarks/gpu_bench.py --out "$SCRATCH/bench.md"
+
+{
+    echo "### gpu_check steps"
+    echo ""
+    echo "| step | result | time | summary |"
+    echo "|---|---|---:|---|"
+    printf '%s\n' "${STEPS[@]}"
+    echo ""
+    if [ -s "$SCRATCH/bench.md" ]; then cat "$SCRATCH/bench.md"; else echo "(no benchmark table: see benchmarks.log)"; fi
+} >"$RESULTS"
+log ""
+log "=== results ($RESULTS)"
+cat "$RESULTS" | tee -a "$LOG"

@@ -15,7 +15,8 @@ int mos_import_optional(PyObject *obj, const char *name, int ndim, mos_view *v, 
 
 int mos_require_dtype(const mos_view *v, mos_dtype dtype, const char *reference) {
     if (v->kind != MOS_KIND_FLOAT) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a floating-point tensor, got int32", v->name);
+        PyErr_Format(PyExc_TypeError, "%s: expected a floating-point tensor, got %s", v->name,
+                     mos_view_kind_name(v));
         return -1;
     }
     if (v->dtype != dtype) {
@@ -29,7 +30,7 @@ int mos_require_dtype(const mos_view *v, mos_dtype dtype, const char *reference)
 int mos_require_index(const mos_view *v) {
     if (v->kind != MOS_KIND_INT32) {
         PyErr_Format(PyExc_TypeError, "%s: index tables must be int32, got %s", v->name,
-                     mos_dtype_name(v->dtype));
+                     mos_view_kind_name(v));
         return -1;
     }
     return mos_require_contiguous(v);

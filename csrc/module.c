@@ -58,13 +58,20 @@ static int parse_scale(PyObject *obj, double *scale) {
     return 0;
 }
 
-/* The stream a CUDA call launches on: None -> legacy default (1), else the integer given. */
+/* The stream a CUDA call launches on: None -> legacy default (1), else the positive integer given
+ * (a cudaStream_t; 1 and 2 are the legacy and per-thread default streams, as in DLPack). DLPack's
+ * -1 ("no synchronization") names no stream to launch on, so it is refused like every negative. */
 static int parse_stream(PyObject *obj, void **stream) {
     if (obj == NULL || obj == Py_None) { *stream = (void *)(uintptr_t)1; return 0; }
     long long value = PyLong_AsLongLong(obj);
     if (value == -1 && PyErr_Occurred()) return -1;
     if (value == 0) {
         PyErr_SetString(PyExc_ValueError, "stream=0 is invalid in DLPack; use 1 for the legacy default stream");
+        return -1;
+    }
+    if (value < 0) {
+        PyErr_Format(PyExc_ValueError, "stream=%lld is invalid: pass the stream to launch on (a "
+                     "cudaStream_t, 1 for the legacy default stream) or None", value);
         return -1;
     }
     *stream = (void *)(uintptr_t)value;
@@ -88,7 +95,8 @@ static int check_adapter_inputs(linear_views *views, mos_linear_params *p, int64
     mos_view *x = &views->v[V_X], *pa = &views->v[V_POOL_A], *pb = &views->v[V_POOL_B];
     mos_view *ia = &views->v[V_INDEX_A], *ib = &views->v[V_INDEX_B];
     if (x->kind != MOS_KIND_FLOAT) {
-        PyErr_SetString(PyExc_TypeError, "x: expected a floating-point tensor, got int32");
+        PyErr_Format(PyExc_TypeError, "x: expected a floating-point tensor, got %s",
+                     mos_view_kind_name(x));
         return -1;
     }
     if (mos_require_rows(x) < 0 || mos_require_blas_sizes(x) < 0) return -1;
@@ -227,7 +235,8 @@ static PyObject *linear_forward(PyObject *module, PyObject *const *args, Py_ssiz
         mos_import_optional(o[8], "workspace", 1, &v[V_WORKSPACE], o[9]) < 0)
         goto fail;
     if (v[V_Y].kind != MOS_KIND_FLOAT) {
-        PyErr_SetString(PyExc_TypeError, "y: expected a floating-point tensor, got int32");
+        PyErr_Format(PyExc_TypeError, "y: expected a floating-point tensor, got %s",
+                     mos_view_kind_name(&v[V_Y]));
         goto fail;
     }
     if (check_adapter_inputs(&views, &p, v[V_Y].shape[1]) < 0) goto fail;
@@ -273,7 +282,8 @@ static PyObject *linear_forward_full(PyObject *module, PyObject *const *args, Py
         mos_view_import(o[7], "index_b", 1, &v[V_INDEX_B], NULL) < 0)
         goto fail;
     if (v[V_Y].kind != MOS_KIND_FLOAT) {
-        PyErr_SetString(PyExc_TypeError, "y: expected a floating-point tensor, got int32");
+        PyErr_Format(PyExc_TypeError, "y: expected a floating-point tensor, got %s",
+                     mos_view_kind_name(&v[V_Y]));
         goto fail;
     }
     if (check_adapter_inputs(&views, &p, v[V_Y].shape[1]) < 0) goto fail;
@@ -337,7 +347,8 @@ static PyObject *linear_backward(PyObject *module, PyObject *const *args, Py_ssi
         mos_import_optional(o[11], "workspace", 1, &v[V_WORKSPACE], o[12]) < 0)
         goto fail;
     if (v[V_DY].kind != MOS_KIND_FLOAT) {
-        PyErr_SetString(PyExc_TypeError, "dy: expected a floating-point tensor, got int32");
+        PyErr_Format(PyExc_TypeError, "dy: expected a floating-point tensor, got %s",
+                     mos_view_kind_name(&v[V_DY]));
         goto fail;
     }
     if (check_adapter_inputs(&views, &p, v[V_DY].shape[1]) < 0) goto fail;
@@ -403,7 +414,8 @@ static PyObject *gather_op(PyObject *const *args, Py_ssize_t nargs, PyObject *kw
         mos_view_import(o[2], "index", 1, &index, o[3]) < 0)
         goto fail;
     if (pool.kind != MOS_KIND_FLOAT) {
-        PyErr_SetString(PyExc_TypeError, "pool: expected a floating-point tensor, got int32");
+        PyErr_Format(PyExc_TypeError, "pool: expected a floating-point tensor, got %s",
+                     mos_view_kind_name(&pool));
         goto fail;
     }
     if (mos_require_dtype(&rows, pool.dtype, "pool") < 0 || mos_require_contiguous(&pool) < 0 ||
@@ -551,11 +563,13 @@ static PyObject *batched_forward(PyObject *module, PyObject *const *args, Py_ssi
     mos_view *ia = &v[B_INDEX_A], *ib = &v[B_INDEX_B], *sc = &v[B_SCALES], *ids = &v[B_IDS];
     mos_view *ranks = &v[B_RANKS], *seg = &v[B_SEGMENTS], *ws = &v[B_WORKSPACE];
     if (x->kind != MOS_KIND_FLOAT) {
-        PyErr_SetString(PyExc_TypeError, "x: expected a floating-point tensor, got int32");
+        PyErr_Format(PyExc_TypeError, "x: expected a floating-point tensor, got %s",
+                     mos_view_kind_name(x));
         goto fail;
     }
     if (y->kind != MOS_KIND_FLOAT) {
-        PyErr_SetString(PyExc_TypeError, "y: expected a floating-point tensor, got int32");
+        PyErr_Format(PyExc_TypeError, "y: expected a floating-point tensor, got %s",
+                     mos_view_kind_name(y));
         goto fail;
     }
     if (mos_require_rows(x) < 0 || mos_require_blas_sizes(x) < 0) goto fail;
@@ -597,7 +611,7 @@ static PyObject *batched_forward(PyObject *module, PyObject *const *args, Py_ssi
     /* Per-adapter scales and ranks; per-row ids. */
     if (sc->kind != MOS_KIND_FLOAT || (sc->dtype != MOS_F32 && sc->dtype != MOS_F64)) {
         PyErr_Format(PyExc_TypeError, "scales: expected float32 or float64, got %s",
-                     sc->kind == MOS_KIND_FLOAT ? mos_dtype_name(sc->dtype) : "int32");
+                     mos_view_kind_name(sc));
         goto fail;
     }
     if (mos_require_contiguous(sc) < 0 || mos_require_same_device(sc, x) < 0 ||
@@ -701,22 +715,19 @@ fail:
 }
 
 static PyObject *batched_workspace_bytes(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"n_rows", "max_rank", "itemsize", "grouped", "n_segments", NULL};
-    long long n, r, n_segments = -1;
+    static char *kwlist[] = {"n_rows", "max_rank", "itemsize", "grouped", NULL};
+    long long n, r;
     int itemsize, grouped = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLi|pL:batched_workspace_bytes", kwlist, &n,
-                                     &r, &itemsize, &grouped, &n_segments))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLi|p:batched_workspace_bytes", kwlist, &n,
+                                     &r, &itemsize, &grouped))
         return NULL;
     if (n < 0 || r < 1) {
         PyErr_Format(PyExc_ValueError, "batched_workspace_bytes: n_rows must be >= 0 and "
                      "max_rank >= 1, got %lld and %lld", n, r);
         return NULL;
     }
-    static const int32_t dummy = 0;
     mos_batched_params p = {.dtype = itemsize == 8 ? MOS_F64 : MOS_F32, .n_rows = n,
-                            .max_rank = r, .grouped = grouped,
-                            .segments = n_segments >= 0 ? &dummy : NULL,
-                            .n_segments = n_segments >= 0 ? n_segments : 0};
+                            .max_rank = r, .grouped = grouped};
     return PyLong_FromSize_t(mos_batched_workspace_bytes(&p));
 }
 
@@ -792,13 +803,15 @@ static PyObject *route_key(PyObject *module, PyObject *args) {
 }
 
 static PyObject *linear_workspace_bytes(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"n_rows", "d_in", "d_out", "r", "itemsize", "backward", "with_h", NULL};
+    static char *kwlist[] = {"n_rows", "d_in", "d_out", "r", "itemsize", "backward", "with_h",
+                             "cuda", NULL};
     long long n, d_in, d_out, r;
-    int itemsize, backward = 0, with_h = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLLi|pp:linear_workspace_bytes", kwlist, &n,
-                                     &d_in, &d_out, &r, &itemsize, &backward, &with_h))
+    int itemsize, backward = 0, with_h = 0, cuda = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLLi|ppp:linear_workspace_bytes", kwlist, &n,
+                                     &d_in, &d_out, &r, &itemsize, &backward, &with_h, &cuda))
         return NULL;
     mos_linear_params p = {.dtype = itemsize == 8 ? MOS_F64 : itemsize == 4 ? MOS_F32 : MOS_F16,
+                           .device = cuda ? MOS_DEVICE_CUDA : MOS_DEVICE_CPU,
                            .n_rows = n, .d_in = d_in, .d_out = d_out, .rank = r,
                            .h = with_h ? (void *)&p : NULL};
     return PyLong_FromSize_t(mos_linear_workspace_bytes(&p, backward ? MOS_OP_BACKWARD : MOS_OP_FORWARD));
@@ -849,7 +862,7 @@ static PyMethodDef methods[] = {
      "index_a/index_b are (K, max_rank * l) rows of the concatenated pools."},
     {"batched_workspace_bytes", (PyCFunction)(void (*)(void))batched_workspace_bytes,
      METH_VARARGS | METH_KEYWORDS,
-     "batched_workspace_bytes(n_rows, max_rank, itemsize, grouped=False, n_segments=-1)\n--\n\n"
+     "batched_workspace_bytes(n_rows, max_rank, itemsize, grouped=False)\n--\n\n"
      "Device workspace bytes a CUDA batched_forward call needs."},
     {"assemble", (PyCFunction)(void (*)(void))assemble, FASTCALL,
      "assemble(rows, pool, index, stream=None)\n--\n\nrows[i] = pool[index[i]]."},
@@ -861,7 +874,9 @@ static PyMethodDef methods[] = {
      "The int32 index table of one (pool, layer, side)."},
     {"route_key", route_key, METH_VARARGS, "route_key(seed, pool_name, layer, side) -> PRNG key."},
     {"linear_workspace_bytes", (PyCFunction)(void (*)(void))linear_workspace_bytes,
-     METH_VARARGS | METH_KEYWORDS, "Workspace bytes a linear call needs."},
+     METH_VARARGS | METH_KEYWORDS,
+     "linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False, "
+     "cuda=False)\n--\n\nWorkspace bytes a linear call needs (cuda=True: with cuBLAS's slice)."},
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
     {"set_num_threads", set_num_threads, METH_O, "Sets OpenBLAS's thread count; returns the old one."},
     {NULL, NULL, 0, NULL},

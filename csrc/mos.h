@@ -162,7 +162,17 @@ typedef struct {
 /* Which op a workspace is sized for. */
 typedef enum { MOS_OP_FORWARD = 0, MOS_OP_BACKWARD = 1 } mos_linear_op;
 
-/* Bytes of scratch the op needs for these sizes (A, B^T, h and gradients of A, B^T). */
+/* Bytes of the workspace slice a CUDA linear call hands to cuBLAS (cublasSetWorkspace): NVIDIA's
+ * recommended size for Hopper (32 MiB; 4 MiB before it). cublasSetStream resets a handle to
+ * cuBLAS's own pool, which may allocate; with this slice no GEMM allocates, so calls can be
+ * captured in CUDA graphs and one handle can serve several streams. */
+#define MOS_CUBLAS_WORKSPACE_BYTES ((size_t)32 << 20)
+
+/* Segments of a linear workspace: a, bt, h, g, da, dbt and the cuBLAS slice. */
+#define MOS_WORKSPACE_SEGMENTS 7
+
+/* Bytes of scratch the op needs for these sizes (A, B^T, h and gradients of A, B^T) on
+ * p->device (CUDA adds MOS_CUBLAS_WORKSPACE_BYTES for cuBLAS). */
 size_t mos_linear_workspace_bytes(const mos_linear_params *p, mos_linear_op op);
 
 /* The workspace cut into its segments; each holds max(4, dtype size)-byte elements so a
@@ -174,6 +184,8 @@ typedef struct {
     void *g;    /* (N, r): scale * dy B (backward) */
     void *da;   /* (r, d_in): gradient of A before the scatter (backward) */
     void *dbt;  /* (r, d_out): gradient of B^T before the scatter (backward) */
+    void *blas; /* CUDA only: cuBLAS's workspace, blas_bytes long (256-byte aligned) */
+    size_t blas_bytes;
 } mos_workspace_layout;
 
 /* Cuts `base` (bytes long, 256-byte aligned) into the segments `op` needs. */
@@ -203,9 +215,10 @@ mos_status mos_linear_backward(const mos_linear_params *p);
  * Strategies (same numbers, different cost):
  *   per-row (grouped = 0): every row reads its adapter's shards directly (Punica BGMV; decode).
  *   grouped (grouped = 1): rows are processed in groups of one adapter whose shards are gathered
- *     once per group (Punica SGMV; prefill). Groups are the given segments (row offsets; every
- *     row of a segment has the same id), else: on CPU all rows of each adapter (counting sort),
- *     on CUDA the runs of equal consecutive ids, found on the device. */
+ *     once per group (Punica SGMV; prefill). On CPU the groups are the given segments (row
+ *     offsets; every row of a segment has the same id), else all rows of each adapter (counting
+ *     sort). On CUDA they are the runs of equal consecutive ids, found on the device and cut
+ *     further at every given segment offset (device segments need no validation). */
 typedef struct {
     mos_dtype dtype;
     mos_device_kind device;
@@ -243,7 +256,7 @@ typedef struct {
 } mos_batched_params;
 
 /* Device workspace bytes a CUDA batched call needs: h (N, max_rank) in the accumulation type,
- * plus, when grouped, the segment and tile tables. */
+ * plus, when grouped, the group and tile tables (sized by N). */
 size_t mos_batched_workspace_bytes(const mos_batched_params *p);
 
 /* The CUDA batched workspace cut into its segments. */
@@ -251,7 +264,7 @@ typedef struct {
     void *h;                /* (N, max_rank) float32 (float64 for float64): x A_a^T per row */
     int32_t *tables;        /* grouped only, else NULL: [n_groups, group_start (max_groups + 1),
                                tile_start (max_groups + 1)] */
-    int64_t max_groups;     /* n_segments when segments are given, else N */
+    int64_t max_groups;     /* N: at most one group per row */
 } mos_batched_workspace;
 
 /* Cuts p->workspace into the segments of mos_batched_workspace_bytes(). */

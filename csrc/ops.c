@@ -14,8 +14,9 @@ static size_t scratch_elem(mos_dtype dtype) {
     return size < 4 ? 4 : size;
 }
 
-/* Segment sizes in bytes, in carve order: a, bt, h, g, da, dbt. */
-static void segment_bytes(size_t out[6], const mos_linear_params *p, mos_linear_op op) {
+/* Segment sizes in bytes, in carve order: a, bt, h, g, da, dbt, then cuBLAS's slice (CUDA). */
+static void segment_bytes(size_t out[MOS_WORKSPACE_SEGMENTS], const mos_linear_params *p,
+                          mos_linear_op op) {
     const size_t e = scratch_elem(p->dtype);
     const size_t r = (size_t)p->rank, n = (size_t)p->n_rows;
     out[0] = align_up(r * (size_t)p->d_in * e);
@@ -24,26 +25,28 @@ static void segment_bytes(size_t out[6], const mos_linear_params *p, mos_linear_
     out[3] = op == MOS_OP_BACKWARD ? align_up(n * r * e) : 0;
     out[4] = op == MOS_OP_BACKWARD ? out[0] : 0;
     out[5] = op == MOS_OP_BACKWARD ? out[1] : 0;
+    out[6] = p->device == MOS_DEVICE_CUDA ? MOS_CUBLAS_WORKSPACE_BYTES : 0;
 }
 
 size_t mos_linear_workspace_bytes(const mos_linear_params *p, mos_linear_op op) {
-    size_t seg[6], total = 0;
+    size_t seg[MOS_WORKSPACE_SEGMENTS], total = 0;
     segment_bytes(seg, p, op);
-    for (int i = 0; i < 6; ++i) total += seg[i];
+    for (int i = 0; i < MOS_WORKSPACE_SEGMENTS; ++i) total += seg[i];
     return total;
 }
 
 mos_status mos_workspace_carve(mos_workspace_layout *w, const mos_linear_params *p,
                                mos_linear_op op, void *base, size_t bytes) {
-    size_t seg[6], offset = 0;
-    void **slots[6] = {&w->a, &w->bt, &w->h, &w->g, &w->da, &w->dbt};
+    size_t seg[MOS_WORKSPACE_SEGMENTS], offset = 0;
+    void **slots[MOS_WORKSPACE_SEGMENTS] = {&w->a, &w->bt, &w->h, &w->g, &w->da, &w->dbt, &w->blas};
     MOS_CHECK(((uintptr_t)base % WORKSPACE_ALIGN) == 0, MOS_ERR_VALUE,
               "workspace must be %d-byte aligned", WORKSPACE_ALIGN);
     segment_bytes(seg, p, op);
-    for (int i = 0; i < 6; ++i) {
+    for (int i = 0; i < MOS_WORKSPACE_SEGMENTS; ++i) {
         *slots[i] = seg[i] ? (char *)base + offset : NULL;
         offset += seg[i];
     }
+    w->blas_bytes = seg[MOS_WORKSPACE_SEGMENTS - 1];
     MOS_CHECK(offset <= bytes, MOS_ERR_VALUE, "workspace holds %zu bytes, the op needs %zu", bytes,
               offset);
     return MOS_OK;

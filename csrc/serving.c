@@ -67,9 +67,9 @@ static size_t align_up(size_t n) {
     return (n + WORKSPACE_ALIGN - 1) / WORKSPACE_ALIGN * WORKSPACE_ALIGN;
 }
 
-static int64_t max_groups(const mos_batched_params *p) {
-    return p->segments ? p->n_segments : p->n_rows;
-}
+/* Groups of the CUDA grouped path: runs of equal ids cut further at segment offsets, so at most
+ * one per row whatever the segments hold (cuda/serving.cu). */
+static int64_t max_groups(const mos_batched_params *p) { return p->n_rows; }
 
 static size_t h_bytes(const mos_batched_params *p) {
     const size_t acc = p->dtype == MOS_F64 ? 8 : 4;

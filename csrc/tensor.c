@@ -24,10 +24,11 @@ static int set_float_dtype(mos_view *v, int code, int bits) {
     else if (code == MOS_DL_FLOAT && bits == 16) v->dtype = MOS_F16;
     else if (code == MOS_DL_BFLOAT && bits == 16) v->dtype = MOS_BF16;
     else if (code == MOS_DL_INT && bits == 32) { v->kind = MOS_KIND_INT32; v->itemsize = 4; return 0; }
+    else if (code == MOS_DL_UINT && bits == 8) { v->kind = MOS_KIND_BYTES; v->itemsize = 1; return 0; }
     else {
         PyErr_Format(PyExc_TypeError,
                      "%s: unsupported dtype (DLPack code %d, %d bits); expected float32, float64, "
-                     "float16, bfloat16 or int32", v->name, code, bits);
+                     "float16, bfloat16, int32 or (workspace only) uint8", v->name, code, bits);
         return -1;
     }
     v->kind = MOS_KIND_FLOAT;
@@ -43,9 +44,11 @@ static int import_numpy(PyArrayObject *arr, mos_view *v) {
     case NPY_FLOAT64: code = MOS_DL_FLOAT; bits = 64; break;
     case NPY_FLOAT16: code = MOS_DL_FLOAT; bits = 16; break;
     case NPY_INT32: code = MOS_DL_INT; bits = 32; break;
+    case NPY_UINT8: code = MOS_DL_UINT; bits = 8; break;
     default:
         PyErr_Format(PyExc_TypeError,
-                     "%s: unsupported dtype %R; expected float32, float64 or int32 (indices)",
+                     "%s: unsupported dtype %R; expected float32, float64, int32 (indices) or "
+                     "uint8 (workspace)",
                      v->name, (PyObject *)PyArray_DESCR(arr));
         return -1;
     }
@@ -183,6 +186,14 @@ int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *v, PyOb
         return -1;
     }
     return import_dlpack(obj, v, stream);
+}
+
+const char *mos_view_kind_name(const mos_view *v) {
+    switch (v->kind) {
+    case MOS_KIND_INT32: return "int32";
+    case MOS_KIND_BYTES: return "uint8";
+    default: return mos_dtype_name(v->dtype);
+    }
 }
 
 void mos_view_release(mos_view *v) {

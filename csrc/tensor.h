@@ -7,8 +7,9 @@
 
 #include "mos.h"
 
-/* Element kinds a view may hold: the float dtypes of mos.h plus int32 index tables. */
-typedef enum { MOS_KIND_FLOAT = 0, MOS_KIND_INT32 = 1 } mos_elem_kind;
+/* Element kinds a view may hold: the float dtypes of mos.h, int32 index tables, and raw bytes
+ * (uint8), which only a workspace accepts. */
+typedef enum { MOS_KIND_FLOAT = 0, MOS_KIND_INT32 = 1, MOS_KIND_BYTES = 2 } mos_elem_kind;
 
 /* A borrowed view of a 1-D or 2-D tensor; valid until mos_view_release. */
 typedef struct {
@@ -33,6 +34,9 @@ typedef struct {
  * orders its work before ours; a bare capsule is taken as already ordered. Returns 0, or -1 with
  * an exception. */
 int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *view, PyObject *stream);
+
+/* What a view holds, for messages: "int32", "uint8" or the float dtype's name. */
+const char *mos_view_kind_name(const mos_view *view);
 
 /* Drops the references and runs the DLPack deleter exactly once. Safe on a zeroed view. */
 void mos_view_release(mos_view *view);

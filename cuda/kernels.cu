@@ -36,10 +36,13 @@
  *
  * Streams, devices, memory: everything runs on (cudaStream_t)p->stream on device p->device_id (made
  * current for the call and restored after). One cuBLAS handle per (host thread, device), created on
- * first use and rebound to the stream on every call; cuBLAS then picks its own per-stream workspace
- * from its default pool. The linear ops need a caller-allocated device workspace of
- * mos_linear_workspace_bytes() bytes, 256-byte aligned; nothing is allocated and nothing waits on
- * the host per call.
+ * first use and rebound on every call to the stream and then (cublasSetStream resets it) to the
+ * cuBLAS slice of the call's workspace (cublasSetWorkspace). The linear ops need a caller-allocated
+ * device workspace of mos_linear_workspace_bytes() bytes, 256-byte aligned; nothing is allocated and
+ * nothing waits on the host per call.
+ * CUDA graphs: the first call of a thread on a device runs cublasCreate, which allocates and so
+ * cannot be captured. A thread makes one uncaptured linear call per device before it captures;
+ * after that every call is capturable.
  *
  * Build (nvcc 13; cuBLAS headers/libraries may come from the nvidia-cublas wheel, nvidia/cu13/):
  *   nvcc -std=c++17 -O3 -Xcompiler -fPIC,-Wall,-Wextra,-Werror -Werror all-warnings -DMOS_WITH_CUDA \
@@ -199,8 +202,12 @@ struct handle_cache {
 };
 static thread_local handle_cache tls_handles; /* zero-initialised: no handle yet */
 
-/* The handle of (this thread, current device `device`), bound to `stream`. */
-static mos_status blas_handle(int device, cudaStream_t stream, cublasHandle_t *out) {
+/* The handle of (this thread, current device `device`), bound to `stream` and to the call's own
+ * workspace slice. cublasSetStream resets the handle to cuBLAS's default workspace pool, so the
+ * slice is set after it, on every call: one handle then serves any stream, and no GEMM allocates
+ * (which would break a CUDA graph capture). */
+static mos_status blas_handle(int device, cudaStream_t stream, void *workspace, size_t bytes,
+                              cublasHandle_t *out) {
     cublasHandle_t *slot = &tls_handles.handle[device];
     if (*slot == NULL) {
         cublasHandle_t fresh = NULL;
@@ -215,6 +222,7 @@ static mos_status blas_handle(int device, cudaStream_t stream, cublasHandle_t *o
         *slot = fresh;
     }
     CUBLAS_TRY(cublasSetStream(*slot, stream), "cublasSetStream");
+    CUBLAS_TRY(cublasSetWorkspace(*slot, workspace, bytes), "cublasSetWorkspace");
     *out = *slot;
     return MOS_OK;
 }
@@ -237,8 +245,10 @@ typedef struct {
     cublasComputeType_t compute; /* CUBLAS_COMPUTE_32F, or _64F for float64 */
 } gemm_ctx;
 
-static mos_status gemm_open(gemm_ctx *g, const mos_linear_params *p) {
-    MOS_TRY(blas_handle(p->device_id, (cudaStream_t)p->stream, &g->handle));
+static mos_status gemm_open(gemm_ctx *g, const mos_linear_params *p, const mos_workspace_layout *w) {
+    MOS_CHECK(w->blas != NULL && w->blas_bytes > 0, MOS_ERR_VALUE,
+              "the CUDA workspace has no cuBLAS slice (size it for a CUDA call)");
+    MOS_TRY(blas_handle(p->device_id, (cudaStream_t)p->stream, w->blas, w->blas_bytes, &g->handle));
     g->type = cuda_type(p->dtype);
     g->scratch = p->dtype == MOS_F64 ? CUDA_R_64F : CUDA_R_32F;
     g->compute = p->dtype == MOS_F64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
@@ -356,7 +366,7 @@ static mos_status plan_forward(linear_plan *q, const mos_linear_params *p) {
 
 static mos_status run_forward(const linear_plan *q, const mos_linear_params *p) {
     gemm_ctx g = {};
-    MOS_TRY(gemm_open(&g, p));
+    MOS_TRY(gemm_open(&g, p, &q->w));
     MOS_TRY(assemble_a(q, p));
     MOS_TRY(assemble_bt(q, p));
     void *h = p->h ? p->h : q->w.h; /* caller's (N, r) buffer, or scratch; the dtype either way */
@@ -384,7 +394,7 @@ static mos_status plan_backward(linear_plan *q, const mos_linear_params *p) {
 static mos_status run_backward(const linear_plan *q, const mos_linear_params *p) {
     gemm_ctx g = {};
     const cudaStream_t stream = (cudaStream_t)p->stream;
-    MOS_TRY(gemm_open(&g, p));
+    MOS_TRY(gemm_open(&g, p, &q->w));
     if (p->dx != NULL || bw_recompute_h(p)) MOS_TRY(assemble_a(q, p));
     if (bw_need_g(p)) {
         MOS_TRY(assemble_bt(q, p));

@@ -23,25 +23,27 @@
  *                                one B shard): loops over the row's rank, reads h from global
  *                                memory (one broadcast address per warp). Same V rule on B and y.
  *   grouped (Punica SGMV-style; prefill)
- *     group_tables_kernel        one block: the groups (the caller's segments, else the runs of
- *                                equal consecutive ids) and an exclusive scan of their tile counts
- *                                (ceil(rows / MOS_SERVE_TILE_ROWS); 0 for id -1 or rank 0).
+ *     group_tables_kernel        one block: the groups (the runs of equal consecutive ids, also
+ *                                cut at every offset of the caller's segments) and an exclusive
+ *                                scan of their tile counts (ceil(rows / MOS_SERVE_TILE_ROWS); 0 for
+ *                                id -1 or rank 0).
  *     shrink_groups_kernel<T>    one block per tile of <= 16 rows of one adapter: 16 x 16 outputs of
  *                                h per pass, x and A staged through shared memory in 64-column
  *                                chunks, so A is read once per tile instead of once per row.
  *     expand_groups_kernel<T>    one block per (tile, 256 columns): each B element read once per
  *                                tile and applied to its 16 rows.
- *     Both compute kernels launch ceil(N / 16) + max_groups blocks (an upper bound on the tile
- *     count known on the host); a block finds its tile by binary search and exits when past the
- *     end, so the launch shapes depend only on N, max_groups and d_out.
+ *     Both compute kernels launch min(N, 4 x SMs) blocks in x and loop over the tiles the table
+ *     kernel counted on the device (a block finds each of its tiles by binary search), so no block
+ *     is launched only to exit and the launch shapes depend only on N, the device and d_out.
  *   Accumulation is float32 for float32/float16/bfloat16 and float64 for float64; y is read,
  *   added to once and rounded once.
  *
  * Device-resident ids, indices, ranks and segments cannot be validated without a host sync: an
- * id outside [0, K) is treated as -1, an index outside the pool contributes zero, a rank is clamped
- * to [0, max_rank] and segment offsets are clamped to [0, N] (a decreasing pair is an empty group);
- * nothing outside the given tensors is ever touched. Within a given segment every row is computed
- * with the id of the segment's first row. The binding validates CPU tensors instead.
+ * id outside [0, K) is treated as -1, an index outside the pool contributes zero and a rank is
+ * clamped to [0, max_rank]; nothing outside the given tensors is ever touched. Segments only add
+ * cuts between groups: offsets outside (0, N), repeated or decreasing ones cut nothing or make
+ * smaller groups, so every row still belongs to exactly one group of one id, whatever they hold
+ * (no two tiles share a row, no row is skipped). The binding validates CPU tensors instead.
  *
  * Streams and graphs: every kernel runs on (cudaStream_t)p->stream on device p->device_id (made
  * current for the call and restored after). No allocation, no host synchronisation and no
@@ -62,6 +64,7 @@
 #define MOS_SERVE_TILE_K 64        /* d_in columns staged per grouped shrink step */
 #define MOS_SERVE_GROUP_THREADS 256
 #define MOS_SERVE_TABLE_THREADS 1024
+#define MOS_SERVE_GROUP_BLOCKS_PER_SM 4 /* resident grouped blocks per SM the launch aims for */
 
 namespace {
 
@@ -211,25 +214,30 @@ __global__ void __launch_bounds__(MOS_SERVE_TABLE_THREADS)
                         int64_t n_adapters, const int32_t *ranks, int tile_rows) {
     __shared__ int warp_sums[32];
     int32_t *start = tables + 1, *tile = tables + 1 + (max_groups + 1);
+    int32_t *cut = tile; /* per row: 1 where a segment starts; tile[] is written only later */
     const int tid = threadIdx.x, bd = blockDim.x;
     int n_groups = 0, total = 0;
     if (segments != NULL) {
+        for (int64_t n = tid; n < n_rows; n += bd) cut[n] = 0;
+        __syncthreads();
         for (int64_t i = tid; i <= n_segments; i += bd) {
             const int64_t s = segments[i];
-            start[i] = (int32_t)(s < 0 ? 0 : (s > n_rows ? n_rows : s));
+            if (s > 0 && s < n_rows) cut[s] = 1; /* offsets outside (0, N) cut nothing */
         }
-        n_groups = (int)n_segments;
-    } else {
-        for (int64_t base = 0; base < n_rows; base += bd) {
-            const int64_t n = base + tid;
-            const int flag = n < n_rows && (n == 0 || ids[n] != ids[n - 1]);
-            const int before = block_exclusive_scan(flag, warp_sums, &total);
-            if (flag) start[n_groups + before] = (int32_t)n;
-            n_groups += total;
-        }
-        if (tid == 0) start[n_groups] = (int32_t)n_rows;
+        __syncthreads();
     }
-    __syncthreads(); /* start[] complete */
+    /* A group starts at row 0, where the id changes, and at every segment offset: groups then
+     * cover every row exactly once, each with one id, whatever the segments hold. */
+    for (int64_t base = 0; base < n_rows; base += bd) {
+        const int64_t n = base + tid;
+        const int flag = n < n_rows && (n == 0 || ids[n] != ids[n - 1] ||
+                                        (segments != NULL && cut[n] != 0));
+        const int before = block_exclusive_scan(flag, warp_sums, &total);
+        if (flag) start[n_groups + before] = (int32_t)n;
+        n_groups += total;
+    }
+    if (tid == 0) start[n_groups] = (int32_t)n_rows;
+    __syncthreads(); /* start[] complete, cut[] read for the last time */
     int carry = 0;
     for (int base = 0; base < n_groups; base += bd) {
         const int grp = base + tid;
@@ -273,76 +281,89 @@ __device__ __forceinline__ bool find_tile(const serve_args<T> &g, const int32_t 
     return *a >= 0 && *r0 < *r1;
 }
 
-/* h[rows, :r_a] = X[rows] A_a^T for one tile; thread (m, jj) owns output (row m, rank j0 + jj). */
+/* Tiles of the call: tile[n_groups] of the group tables. */
+__device__ __forceinline__ int64_t tile_count(const int32_t *tables, int64_t max_groups) {
+    return tables[1 + (max_groups + 1) + tables[0]];
+}
+
+/* h[rows, :r_a] = X[rows] A_a^T, one tile per step of a grid-stride loop over the tiles; thread
+ * (m, jj) owns output (row m, rank j0 + jj). */
 template <typename T>
 __global__ void __launch_bounds__(MOS_SERVE_GROUP_THREADS)
     shrink_groups_kernel(serve_args<T> g, const int32_t *tables, int64_t max_groups) {
     typedef typename serve_args<T>::acc acc;
     __shared__ acc xs[MOS_SERVE_TILE_ROWS][MOS_SERVE_TILE_K + 1];
     __shared__ acc as[MOS_SERVE_TILE_RANKS][MOS_SERVE_TILE_K + 1];
-    int64_t r0, r1, a;
-    if (!find_tile(g, tables, max_groups, blockIdx.x, &r0, &r1, &a)) return; /* block-uniform */
     const int tid = threadIdx.x;
     const int m = tid / MOS_SERVE_TILE_RANKS, jj = tid % MOS_SERVE_TILE_RANKS;
-    const int64_t r = rank_of(g, a);
-    const int32_t *ia = g.index_a + a * g.width;
-    for (int64_t j0 = 0; j0 < r; j0 += MOS_SERVE_TILE_RANKS) {
-        acc sum = 0;
-        for (int64_t k0 = 0; k0 < g.d_in; k0 += MOS_SERVE_TILE_K) {
-            for (int e = tid; e < MOS_SERVE_TILE_ROWS * MOS_SERVE_TILE_K; e += MOS_SERVE_GROUP_THREADS) {
-                const int mm = e / MOS_SERVE_TILE_K, kk = e % MOS_SERVE_TILE_K;
-                const int64_t row = r0 + mm, k = k0 + kk;
-                xs[mm][kk] = row < r1 && k < g.d_in ? (acc)to_acc(g.x[row * g.x_stride + k]) : (acc)0;
-            }
-            for (int e = tid; e < MOS_SERVE_TILE_RANKS * MOS_SERVE_TILE_K; e += MOS_SERVE_GROUP_THREADS) {
-                const int jr = e / MOS_SERVE_TILE_K, kk = e % MOS_SERVE_TILE_K;
-                const int64_t j = j0 + jr, k = k0 + kk;
-                acc v = 0;
-                if (j < r && k < g.d_in) {
-                    const int64_t t = k / g.sla, row = ia[j * g.l + t];
-                    if (row >= 0 && row < g.n_shards_a) v = (acc)to_acc(g.pool_a[row * g.sla + (k - t * g.sla)]);
+    const int64_t n_tiles = tile_count(tables, max_groups);
+    for (int64_t b = blockIdx.x; b < n_tiles; b += gridDim.x) {
+        int64_t r0, r1, a;
+        if (!find_tile(g, tables, max_groups, b, &r0, &r1, &a)) continue; /* block-uniform */
+        const int64_t r = rank_of(g, a);
+        const int32_t *ia = g.index_a + a * g.width;
+        for (int64_t j0 = 0; j0 < r; j0 += MOS_SERVE_TILE_RANKS) {
+            acc sum = 0;
+            for (int64_t k0 = 0; k0 < g.d_in; k0 += MOS_SERVE_TILE_K) {
+                for (int e = tid; e < MOS_SERVE_TILE_ROWS * MOS_SERVE_TILE_K; e += MOS_SERVE_GROUP_THREADS) {
+                    const int mm = e / MOS_SERVE_TILE_K, kk = e % MOS_SERVE_TILE_K;
+                    const int64_t row = r0 + mm, k = k0 + kk;
+                    xs[mm][kk] = row < r1 && k < g.d_in ? (acc)to_acc(g.x[row * g.x_stride + k]) : (acc)0;
                 }
-                as[jr][kk] = v;
-            }
-            __syncthreads();
+                for (int e = tid; e < MOS_SERVE_TILE_RANKS * MOS_SERVE_TILE_K; e += MOS_SERVE_GROUP_THREADS) {
+                    const int jr = e / MOS_SERVE_TILE_K, kk = e % MOS_SERVE_TILE_K;
+                    const int64_t j = j0 + jr, k = k0 + kk;
+                    acc v = 0;
+                    if (j < r && k < g.d_in) {
+                        const int64_t t = k / g.sla, row = ia[j * g.l + t];
+                        if (row >= 0 && row < g.n_shards_a) v = (acc)to_acc(g.pool_a[row * g.sla + (k - t * g.sla)]);
+                    }
+                    as[jr][kk] = v;
+                }
+                __syncthreads();
 #pragma unroll 8
-            for (int kk = 0; kk < MOS_SERVE_TILE_K; ++kk) sum += xs[m][kk] * as[jj][kk];
-            __syncthreads();
+                for (int kk = 0; kk < MOS_SERVE_TILE_K; ++kk) sum += xs[m][kk] * as[jj][kk];
+                __syncthreads();
+            }
+            if (r0 + m < r1 && j0 + jj < r) g.h[(r0 + m) * g.max_rank + j0 + jj] = sum;
         }
-        if (r0 + m < r1 && j0 + jj < r) g.h[(r0 + m) * g.max_rank + j0 + jj] = sum;
     }
 }
 
-/* y[rows, c] += s_a * sum_j h[rows, j] B_a^T[j, c]; one column per thread, 16 rows per block. */
+/* y[rows, c] += s_a * sum_j h[rows, j] B_a^T[j, c]; one column per thread, 16 rows per tile, a
+ * grid-stride loop over the tiles in x and 256-column blocks in y. */
 template <typename T>
 __global__ void __launch_bounds__(MOS_SERVE_GROUP_THREADS)
     expand_groups_kernel(serve_args<T> g, const int32_t *tables, int64_t max_groups) {
     typedef typename serve_args<T>::acc acc;
-    int64_t r0, r1, a;
-    if (!find_tile(g, tables, max_groups, blockIdx.x, &r0, &r1, &a)) return;
     const int64_t c = (int64_t)blockIdx.y * MOS_SERVE_GROUP_THREADS + threadIdx.x;
-    if (c >= g.d_out) return;
-    const int64_t r = rank_of(g, a), rows = r1 - r0;
+    if (c >= g.d_out) return; /* no barrier below: threads may leave independently */
     const int64_t t = c / g.slb, off = c - t * g.slb;
-    const int32_t *ib = g.index_b + a * g.width + t;
-    const acc *h = g.h + r0 * g.max_rank;
-    acc sum[MOS_SERVE_TILE_ROWS];
+    const int64_t n_tiles = tile_count(tables, max_groups);
+    for (int64_t b = blockIdx.x; b < n_tiles; b += gridDim.x) {
+        int64_t r0, r1, a;
+        if (!find_tile(g, tables, max_groups, b, &r0, &r1, &a)) continue;
+        const int64_t r = rank_of(g, a), rows = r1 - r0;
+        const int32_t *ib = g.index_b + a * g.width + t;
+        const acc *h = g.h + r0 * g.max_rank;
+        acc sum[MOS_SERVE_TILE_ROWS];
 #pragma unroll
-    for (int m = 0; m < MOS_SERVE_TILE_ROWS; ++m) sum[m] = 0;
-    for (int64_t j = 0; j < r; ++j) {
-        const int64_t row = ib[j * g.l];
-        if (row < 0 || row >= g.n_shards_b) continue;
-        const acc b = (acc)to_acc(g.pool_b[row * g.slb + off]);
+        for (int m = 0; m < MOS_SERVE_TILE_ROWS; ++m) sum[m] = 0;
+        for (int64_t j = 0; j < r; ++j) {
+            const int64_t row = ib[j * g.l];
+            if (row < 0 || row >= g.n_shards_b) continue;
+            const acc bv = (acc)to_acc(g.pool_b[row * g.slb + off]);
 #pragma unroll
-        for (int m = 0; m < MOS_SERVE_TILE_ROWS; ++m)
-            if (m < rows) sum[m] += h[m * g.max_rank + j] * b;
-    }
-    const acc s = scale_of(g, a);
+            for (int m = 0; m < MOS_SERVE_TILE_ROWS; ++m)
+                if (m < rows) sum[m] += h[m * g.max_rank + j] * bv;
+        }
+        const acc s = scale_of(g, a);
 #pragma unroll
-    for (int m = 0; m < MOS_SERVE_TILE_ROWS; ++m) {
-        if (m >= rows) break;
-        T *out = g.y + (r0 + m) * g.y_stride + c;
-        from_acc((acc)to_acc(*out) + s * sum[m], out);
+        for (int m = 0; m < MOS_SERVE_TILE_ROWS; ++m) {
+            if (m >= rows) break;
+            T *out = g.y + (r0 + m) * g.y_stride + c;
+            from_acc((acc)to_acc(*out) + s * sum[m], out);
+        }
     }
 }
 
@@ -387,22 +408,33 @@ mos_status launch_per_row(const serve_args<T> &g, cudaStream_t stream) {
     return MOS_OK;
 }
 
+/* Blocks in x of the grouped compute kernels: enough to fill the device (the kernels loop over
+ * the tiles), never more than the tiles can be (each holds at least one row). */
+mos_status grouped_grid(int device, int64_t n_rows, unsigned *blocks) {
+    int sms = 0;
+    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute(multiProcessorCount)");
+    const int64_t fill = (int64_t)(sms > 0 ? sms : 1) * MOS_SERVE_GROUP_BLOCKS_PER_SM;
+    *blocks = (unsigned)(n_rows < fill ? n_rows : fill);
+    return MOS_OK;
+}
+
 template <typename T>
 mos_status launch_grouped(const serve_args<T> &g, const mos_batched_params *p,
                           const mos_batched_workspace *w, cudaStream_t stream) {
-    const int64_t tiles = (g.n_rows + MOS_SERVE_TILE_ROWS - 1) / MOS_SERVE_TILE_ROWS + w->max_groups;
     const int64_t col_blocks = (g.d_out + MOS_SERVE_GROUP_THREADS - 1) / MOS_SERVE_GROUP_THREADS;
-    MOS_CHECK(tiles <= INT_MAX && col_blocks <= 65535, MOS_ERR_VALUE,
-              "%lld tiles x %lld output columns exceed one launch", (long long)tiles,
+    MOS_CHECK(col_blocks <= 65535, MOS_ERR_VALUE, "%lld output columns exceed one launch",
               (long long)g.d_out);
+    unsigned tiles = 0;
+    MOS_TRY(grouped_grid(p->device_id, g.n_rows, &tiles));
     group_tables_kernel<<<1, MOS_SERVE_TABLE_THREADS, 0, stream>>>(
         w->tables, w->max_groups, p->segments, p->n_segments, g.ids, g.n_rows, g.n_adapters,
         g.ranks, MOS_SERVE_TILE_ROWS);
     CUDA_TRY(cudaGetLastError(), "batched group tables kernel launch");
-    shrink_groups_kernel<T><<<(unsigned)tiles, MOS_SERVE_GROUP_THREADS, 0, stream>>>(
+    shrink_groups_kernel<T><<<tiles, MOS_SERVE_GROUP_THREADS, 0, stream>>>(
         g, w->tables, w->max_groups);
     CUDA_TRY(cudaGetLastError(), "batched shrink (grouped) kernel launch");
-    const dim3 grid((unsigned)tiles, (unsigned)col_blocks);
+    const dim3 grid(tiles, (unsigned)col_blocks);
     expand_groups_kernel<T><<<grid, MOS_SERVE_GROUP_THREADS, 0, stream>>>(g, w->tables,
                                                                           w->max_groups);
     CUDA_TRY(cudaGetLastError(), "batched expand (grouped) kernel launch");
@@ -464,8 +496,8 @@ extern "C" mos_status mos_cuda_batched_forward(const mos_batched_params *p) {
     MOS_CHECK(p->n_rows <= INT_MAX && p->d_in <= INT_MAX && p->d_out <= INT_MAX, MOS_ERR_VALUE,
               "sizes above 2^31 - 1 are not supported (rows %lld, d_in %lld, d_out %lld)",
               (long long)p->n_rows, (long long)p->d_in, (long long)p->d_out);
-    MOS_CHECK(!p->grouped || p->segments == NULL || p->n_segments <= INT_MAX, MOS_ERR_VALUE,
-              "%lld segments exceed 2^31 - 1", (long long)p->n_segments);
+    MOS_CHECK(!p->grouped || p->segments == NULL || p->n_segments < INT_MAX, MOS_ERR_VALUE,
+              "%lld segments exceed 2^31 - 2", (long long)p->n_segments);
     MOS_TRY(mos_batched_workspace_carve(&w, p));
     MOS_TRY(device_enter(p->device_id, &prev));
     const mos_status st = dispatch(p, &w);

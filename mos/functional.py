@@ -45,21 +45,24 @@ def _column_stride(a):
     return 1
 
 
-def assemble(pool, index, r: int):
+def assemble(pool, index, r: int, *, stream=None):
     """The (r, l * shard_len) matrix whose row j concatenates shards index[j*l : (j+1)*l].
 
-    Gives A for an A-pool and B^T for a B-pool (DESIGN section 1, vector sharding)."""
+    Gives A for an A-pool and B^T for a B-pool (DESIGN section 1, vector sharding). CUDA calls
+    run on `stream` (default: torch's current stream for torch tensors), where the output was
+    allocated."""
     n_index = int(index.shape[0])
     if not isinstance(r, (int, np.integer)) or r < 1 or n_index % r:
         raise ValueError(f"r must be a positive divisor of len(index)={n_index}, got {r!r}")
     rows = _zeros_like_lib(pool, (n_index, int(pool.shape[1])))
-    _C.assemble(rows, pool, index)
+    _C.assemble(rows, pool, index, _launch_stream(pool, stream))
     return rows.reshape(r, n_index // r * int(pool.shape[1]))
 
 
-def scatter_add(pool_grad, rows, index):
-    """pool_grad[index[i]] += rows[i] (indices distinct); the transpose of assemble."""
-    _C.scatter_add(pool_grad, _rows(rows, "rows"), index)
+def scatter_add(pool_grad, rows, index, *, stream=None):
+    """pool_grad[index[i]] += rows[i] (indices distinct); the transpose of assemble. CUDA calls
+    run on `stream` (default: torch's current stream for torch tensors)."""
+    _C.scatter_add(pool_grad, _rows(rows, "rows"), index, _launch_stream(pool_grad, stream))
     return pool_grad
 
 
@@ -115,9 +118,11 @@ def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a
     return dx, dpool_a, dpool_b
 
 
-def workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False) -> int:
-    """Scratch bytes one linear call needs (CUDA callers must pass a workspace this large)."""
-    return _C.linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward, with_h)
+def workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False,
+                    cuda=False) -> int:
+    """Scratch bytes one linear call needs. CUDA callers must pass a workspace this large, sized
+    with cuda=True (which adds the slice cuBLAS works in)."""
+    return _C.linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward, with_h, cuda)
 
 
 def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, out=None, *,
@@ -152,26 +157,22 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
     if isinstance(scales, (list, tuple)):
         scales = _float_like(scales, x)
     grouped = strategy == "grouped" or (strategy == "auto" and _auto_grouped(x2, adapter_ids, segments))
-    if workspace is None and _is_cuda(x2):
-        import torch  # only reached with torch CUDA tensors
+    if workspace is None and _is_cuda(x2) and _is_torch(x2):
+        import torch
 
         width = int(index_a.shape[1]) if len(index_a.shape) == 2 else 1
         max_rank = max(width * int(pool_a.shape[1]) // max(d_in, 1), 1)
-        n_segments = -1 if segments is None else int(segments.shape[0]) - 1
-        nbytes = batched_workspace_bytes(n_rows, max_rank, x2.element_size(), grouped, n_segments)
+        nbytes = batched_workspace_bytes(n_rows, max_rank, x2.element_size(), grouped)
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x2.device)
-    if stream is None and _is_cuda(x2):
-        import torch
-
-        stream = torch.cuda.current_stream(x2.device).cuda_stream or 1
+    stream = _launch_stream(x2, stream)
     _C.batched_forward(y2, x2, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ranks,
                        grouped, segments if grouped else None, workspace, stream)
     return y
 
 
-def batched_workspace_bytes(n_rows, max_rank, itemsize, grouped=False, n_segments=-1) -> int:
-    """Device scratch bytes one CUDA batched_forward call needs (n_segments=-1: no segments given)."""
-    return _C.batched_workspace_bytes(n_rows, max_rank, itemsize, grouped, n_segments)
+def batched_workspace_bytes(n_rows, max_rank, itemsize, grouped=False) -> int:
+    """Device scratch bytes one CUDA batched_forward call needs (segments or not)."""
+    return _C.batched_workspace_bytes(n_rows, max_rank, itemsize, grouped)
 
 
 def segments_of(adapter_ids):
@@ -238,16 +239,29 @@ def _output_rows(x, lead, d_out, out):
 
 def _cuda_context(x, workspace, stream, n_rows, d_in, d_out, r, backward, with_h):
     """For CUDA torch tensors: a workspace from torch's allocator and torch's current stream."""
-    if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack_device__") or x.__dlpack_device__()[0] != 2:
+    if not _is_cuda(x):
         return workspace, stream
-    import torch  # only reached with torch CUDA tensors
+    if workspace is None and _is_torch(x):
+        import torch
 
-    if workspace is None:
-        nbytes = workspace_bytes(n_rows, d_in, d_out, r, x.element_size(), backward, with_h)
+        nbytes = workspace_bytes(n_rows, d_in, d_out, r, x.element_size(), backward, with_h, True)
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
-    if stream is None:
-        stream = torch.cuda.current_stream(x.device).cuda_stream or 1
-    return workspace, stream
+    return workspace, _launch_stream(x, stream)
+
+
+def _is_torch(a):
+    return type(a).__module__.startswith("torch") and hasattr(a, "data_ptr")
+
+
+def _launch_stream(x, stream):
+    """The stream a CUDA call runs on: the one given, else torch's current stream for a torch
+    tensor (where torch allocated the outputs), else None (the legacy default stream)."""
+    if stream is not None or not _is_cuda(x) or not _is_torch(x):
+        return stream
+    import torch
+
+    # torch reports the legacy default stream as 0, which DLPack spells 1.
+    return torch.cuda.current_stream(x.device).cuda_stream or 1
 
 
 def _shares_memory(view, base):

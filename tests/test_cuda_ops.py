@@ -110,7 +110,7 @@ def test_forward_is_capturable_in_a_cuda_graph():
     rng, t, pa, ia, pb, ib = small_cuda_problem()
     x = t(rng.standard_normal((16, 64)))
     y = torch.zeros(16, 64, device="cuda")
-    ws = torch.empty(F.workspace_bytes(16, 64, 64, 4, 4), dtype=torch.uint8, device="cuda")
+    ws = torch.empty(F.workspace_bytes(16, 64, 64, 4, 4, cuda=True), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up creates the cuBLAS handle outside the capture
@@ -126,3 +126,127 @@ def test_forward_is_capturable_in_a_cuda_graph():
     want = ref.forward(x.double().cpu().numpy(), pa.double().cpu().numpy(), ia.cpu().numpy(),
                        pb.double().cpu().numpy(), ib.cpu().numpy(), 1.0, 4)
     np.testing.assert_allclose(y.double().cpu().numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- backward and scatter-add, every dtype
+
+ERR_FLOOR = {"float32": 1e-6, "float16": 1e-3, "bfloat16": 1e-2}
+
+
+def within_twice_naive(got, naive, want, dtype):
+    """The kernel's error against float64 stays within 2x a naive same-precision computation's."""
+    err = np.abs(got - want).max(initial=0)
+    naive_err = np.abs(naive - want).max(initial=0)
+    assert err <= 2 * naive_err + ERR_FLOOR[dtype] * np.abs(want).max(initial=1.0), (err, naive_err)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shard_len,n_rows,with_h", [(8, 1, False), (8, 33, True), (5, 33, False),
+                                                     (12, 257, True)])
+def test_backward_matches_the_float64_reference(dtype, shard_len, n_rows, with_h):
+    """16-bit inputs run GemmEx with float32 outputs for dA, dB^T and the 16-bit scatters."""
+    import torch
+
+    rng = np.random.default_rng(shard_len * 1000 + n_rows)
+    r, l, scale = 8, 4, 0.75
+    config = mos.MoSConfig(r=r, equivalent_rank=4, shards_per_vector=l, private_rank=1)
+    pool = mos.ShardPool("q", shard_len * l, (shard_len + 3) * l, 4, config)
+    ia, ib = (t.copy() for t in pool.indices(2))
+    dt = torch_dtype(dtype)
+    cuda = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to("cuda", dt)  # noqa: E731
+    held = lambda t: t.double().cpu().numpy()  # noqa: E731
+    x, dy = cuda(rng.standard_normal((n_rows, pool.d_in))), cuda(rng.standard_normal((n_rows, pool.d_out)))
+    pa, pb = cuda(rng.standard_normal(pool.pool_a_shape)), cuda(rng.standard_normal(pool.pool_b_shape))
+    ia_t, ib_t = torch.from_numpy(ia).cuda(), torch.from_numpy(ib).cuda()
+    h = None
+    if with_h:
+        h = torch.empty(n_rows, r, dtype=dt, device="cuda")
+        F.forward(x, pa, ia_t, pb, ib_t, scale, h=h)
+    dx, dpa, dpb = F.backward(dy, x, pa, ia_t, pb, ib_t, scale, h=h)
+    torch.cuda.synchronize()
+    want = ref.backward(held(dy), held(x), held(pa), ia, held(pb), ib, scale, r)
+    # the naive computation: torch's own autograd through gather + matmul, in the input dtype
+    pa_n, pb_n, x_n = (t.clone().requires_grad_() for t in (pa, pb, x))
+    a = pa_n[ia_t.long()].reshape(r, -1)
+    bt = pb_n[ib_t.long()].reshape(r, -1)
+    (scale * (x_n @ a.T) @ bt).backward(dy)
+    for got, naive, expect in zip((dx, dpa, dpb), (x_n.grad, pa_n.grad, pb_n.grad), want):
+        within_twice_naive(held(got), held(naive), expect, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("shard_len,offset", [(8, 0), (5, 0), (16, 1), (64, 0)])
+def test_scatter_add_matches_the_float64_reference(dtype, shard_len, offset):
+    """The CUDA scatter_add entry point: vector path (aligned, shard_len % V == 0) and scalar path."""
+    import torch
+
+    rng = np.random.default_rng(shard_len + offset)
+    n_shards, n_index = 40, 24
+    index = rng.permutation(n_shards)[:n_index].astype(np.int32)
+    dt = torch.float64 if dtype == "float64" else torch_dtype(dtype)
+    pool0 = torch.from_numpy(rng.standard_normal((n_shards, shard_len))).to("cuda", dt)
+    flat = torch.zeros(n_index * shard_len + offset, dtype=dt, device="cuda")
+    rows = flat[offset:].view(n_index, shard_len)  # offset 1 misaligns the rows: scalar fallback
+    rows.copy_(torch.from_numpy(rng.standard_normal((n_index, shard_len))))
+    pool = pool0.clone()
+    F.scatter_add(pool, rows, torch.from_numpy(index).cuda())
+    naive = pool0.clone()
+    naive[torch.from_numpy(index).long().cuda()] += rows
+    torch.cuda.synchronize()
+    held = lambda t: t.double().cpu().numpy()  # noqa: E731
+    want = held(pool0)
+    want[index] += held(rows)
+    if dtype == "float64":
+        np.testing.assert_allclose(held(pool), want, rtol=1e-15, atol=0)
+    else:
+        within_twice_naive(held(pool), held(naive), want, dtype)
+    untouched = np.setdiff1d(np.arange(n_shards), index)
+    assert torch.equal(pool[untouched], pool0[untouched])
+
+
+# ---------------------------------------------------------------- streams and graphs
+
+def test_assemble_and_scatter_add_run_on_torchs_current_stream():
+    """Captured on a side stream, a launch on the legacy default stream would break the capture."""
+    import torch
+
+    rng, t, pa, ia, pb, ib = small_cuda_problem()
+    grad = torch.zeros_like(pa)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        F.assemble(pa, ia, 4)  # outside the capture first
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a = F.assemble(pa, ia, 4)
+        F.scatter_add(grad, a.reshape(len(ia), -1), ia)
+    graph.replay()
+    torch.cuda.synchronize()
+    want_a = ref.assemble(pa.double().cpu().numpy(), ia.cpu().numpy(), 4)
+    np.testing.assert_array_equal(a.double().cpu().numpy(), want_a)
+    want_grad = np.zeros(tuple(pa.shape))
+    want_grad[ia.cpu().numpy()] = want_a.reshape(len(ia), -1)
+    np.testing.assert_array_equal(grad.double().cpu().numpy(), want_grad)
+
+
+def test_forward_and_backward_capture_on_a_fresh_stream():
+    """cuBLAS works in the call's workspace slice: a capture on a stream cuBLAS never saw must not
+    allocate (one uncaptured call on this thread created the handle)."""
+    import torch
+
+    rng, t, pa, ia, pb, ib = small_cuda_problem()
+    x, dy = t(rng.standard_normal((32, 64))), t(rng.standard_normal((32, 64)))
+    F.forward(x, pa, ia, pb, ib, 1.0)  # creates this thread's cuBLAS handle, uncaptured
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = F.forward(x, pa, ia, pb, ib, 1.0)
+        dx, dpa, dpb = F.backward(dy, x, pa, ia, pb, ib, 1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    held = lambda a: a.double().cpu().numpy()  # noqa: E731
+    args = (held(pa), ia.cpu().numpy(), held(pb), ib.cpu().numpy(), 1.0, 4)
+    np.testing.assert_allclose(held(y), ref.forward(held(x), *args), rtol=1e-4, atol=1e-4)
+    for got, want in zip((dx, dpa, dpb), ref.backward(held(dy), held(x), *args)):
+        np.testing.assert_allclose(held(got), want, rtol=1e-4, atol=1e-4)

@@ -264,10 +264,11 @@ def test_segments_of():
 def test_workspace_bytes_grow_with_rows_and_groups():
     per_row = F.batched_workspace_bytes(64, 8, 4)
     grouped = F.batched_workspace_bytes(64, 8, 4, grouped=True)
-    with_segments = F.batched_workspace_bytes(64, 8, 4, grouped=True, n_segments=4)
-    assert per_row >= 64 * 8 * 4 and grouped > per_row and per_row < with_segments < grouped
+    # the group tables hold one group per row at most: 2 * (N + 1) + 1 int32
+    assert per_row >= 64 * 8 * 4 and grouped >= per_row + (2 * 65 + 1) * 4
+    assert F.batched_workspace_bytes(128, 8, 4, grouped=True) > grouped
     assert F.batched_workspace_bytes(64, 8, 8) >= 64 * 8 * 8
-    assert all(b % 256 == 0 for b in (per_row, grouped, with_segments))
+    assert all(b % 256 == 0 for b in (per_row, grouped))
 
 
 # ---------------------------------------------------------------- bad input
@@ -335,7 +336,9 @@ BAD = [
     ("y is x", lambda a: a.update(x=a["y"][:, :D_IN]), BufferError, "y: output memory overlaps x"),
     ("y overlaps pool", lambda a: a.update(y=a["pool_b"].reshape(-1)[:6 * D_OUT].reshape(6, D_OUT)), BufferError, "y: output memory overlaps pool_b"),
     ("segments without grouped", lambda a: a.update(segments=np.array([0, 6], np.int32)), ValueError, "only the grouped strategy uses segments"),
-    ("workspace too small", lambda a: a.update(workspace=np.zeros(8, np.uint8)), (ValueError, TypeError), "workspace"),
+    ("workspace too small", lambda a: a.update(workspace=np.zeros(8, np.uint8)), ValueError, "workspace: holds 8 bytes"),
+    ("uint8 pool", lambda a: a.update(pool_a=a["pool_a"].view(np.uint8)), TypeError, "pool_a: expected a floating-point tensor, got uint8"),
+    ("uint8 ids", lambda a: a.update(adapter_ids=a["adapter_ids"].view(np.uint8)), TypeError, "adapter_ids: index tables must be int32, got uint8"),
 ]
 
 BAD_GROUPED = [
@@ -478,3 +481,50 @@ def test_cuda_16_bit_error_within_twice_a_naive_computation(dtype, strategy):
     err = np.abs(got.double().cpu().numpy() - want).max()
     err_naive = np.abs(naive - want).max()
     assert err <= 2 * err_naive + 1e-6, f"{dtype} {strategy}: {err:.3g} vs naive {err_naive:.3g}"
+
+
+BAD_DEVICE_SEGMENTS = {
+    "decreasing": [0, 30, 10, 40],      # clamped, these overlapped: rows 10..29 written twice
+    "short": [0, 12, 20],               # ends before N: rows 20..39 were skipped
+    "out of range": [-5, 7, 99],
+    "mixed ids": [0, 40],               # one segment over several adapters
+    "repeated": [0, 0, 13, 13, 40, 40],
+}
+
+
+@pytest.mark.parametrize("name", BAD_DEVICE_SEGMENTS)
+def test_cuda_device_segments_never_overlap_or_skip_rows(name):
+    """Device segments cannot be validated without a sync: whatever they hold, every row gets its
+    own adapter's update exactly once (segments only cut groups further)."""
+    torch = _cuda_torch()
+    rng = np.random.default_rng(33)
+    adapters = Adapters(5, seed=33)
+    n = 40
+    ids = np.sort(adapter_ids("uniform", 5, n, rng)).astype(np.int32)
+    x = rng.standard_normal((n, D_IN)).astype(np.float32)
+    y0 = rng.standard_normal((n, D_OUT)).astype(np.float32)
+    args = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in adapters.args().items()}
+    y = torch.from_numpy(y0.copy()).cuda()
+    segments = torch.tensor(BAD_DEVICE_SEGMENTS[name], dtype=torch.int32, device="cuda")
+    F.batched_forward(torch.from_numpy(x).cuda(), **args, adapter_ids=torch.from_numpy(ids).cuda(),
+                      out=y, strategy="grouped", segments=segments)
+    torch.cuda.synchronize()
+    assert_rows_close(y.cpu().numpy(), adapters.expected(x, y0, ids), adapters.bound(x, y0, ids),
+                      1e-5, name)
+
+
+def test_cuda_grouped_many_tiles_and_groups():
+    """More tiles than the launch has blocks (the kernels loop over the tiles) and 1-row groups."""
+    torch = _cuda_torch()
+    rng = np.random.default_rng(34)
+    adapters = Adapters(7, seed=34)
+    n = 5000
+    ids = np.concatenate([np.sort(rng.integers(-1, 7, n // 2)), rng.integers(-1, 7, n - n // 2)])
+    ids = ids.astype(np.int32)
+    x = rng.standard_normal((n, D_IN)).astype(np.float32)
+    args = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in adapters.args().items()}
+    got = F.batched_forward(torch.from_numpy(x).cuda(), **args,
+                            adapter_ids=torch.from_numpy(ids).cuda(), strategy="grouped")
+    zeros = np.zeros((n, D_OUT))
+    assert_rows_close(got.cpu().numpy(), adapters.expected(x, zeros, ids),
+                      adapters.bound(x, zeros, ids), 1e-5, "many tiles")

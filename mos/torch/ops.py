@@ -110,7 +110,8 @@ def _launch_options(x, n_rows, d_in, d_out, rank, backward, with_h):
     """workspace/stream keywords of a core call: CUDA needs both, the CPU path allocates its own."""
     if x.device.type != "cuda":
         return {}
-    nbytes = _C.linear_workspace_bytes(n_rows, d_in, d_out, rank, x.element_size(), backward, with_h)
+    nbytes = _C.linear_workspace_bytes(n_rows, d_in, d_out, rank, x.element_size(), backward, with_h,
+                                       True)
     workspace = torch.empty(max(nbytes, 256), dtype=torch.uint8, device=x.device)
     # torch reports the legacy default stream as 0, which DLPack spells 1.
     stream = torch.cuda.current_stream(x.device).cuda_stream or 1

@@ -434,9 +434,8 @@ class _MixedBatch:
             pack = layer_pack.pack
             options = {}
             if x.device.type == "cuda":
-                n_seg = -1 if segments is None else segments.shape[0] - 1
                 nbytes = _C.batched_workspace_bytes(x2.shape[0], pack.max_rank,
-                                                    adapter_in.element_size(), grouped, n_seg)
+                                                    adapter_in.element_size(), grouped)
                 options["workspace"] = _export(torch.empty(max(nbytes, 256), dtype=torch.uint8,
                                                            device=x.device))
                 options["stream"] = torch.cuda.current_stream(x.device).cuda_stream or 1
