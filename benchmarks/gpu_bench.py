@@ -27,20 +27,9 @@ from mos import _C
 MiB = 2**20
 
 
-class Ready:
-    """One CUDA tensor's DLPack capsule, made ahead of the timed window."""
-
-    __slots__ = ("capsule", "device")
-
-    def __init__(self, tensor):
-        self.capsule = torch.utils.dlpack.to_dlpack(tensor)
-        self.device = (2, tensor.device.index or 0)
-
-    def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
-        return self.capsule
-
-    def __dlpack_device__(self):
-        return self.device
+def capsule(tensor):
+    """A DLPack capsule of a CUDA tensor, made ahead of the timed window (mos._C consumes one)."""
+    return torch.utils.dlpack.to_dlpack(tensor)
 
 
 def stream_handle():
@@ -87,7 +76,7 @@ def assemble_vs_copy(rows, copy_bw):
     index = torch.randperm(n_shards, device="cuda", generator=gen)[:n_index].int()
     out = torch.empty(n_index, shard_len, device="cuda", dtype=torch.bfloat16)
     stream = stream_handle()
-    t = per_call_seconds(lambda: (Ready(out), Ready(pool), Ready(index)),
+    t = per_call_seconds(lambda: (capsule(out), capsule(pool), capsule(index)),
                          lambda o, p, i: _C.assemble(o, p, i, stream), calls=10)
     assert torch.equal(out, pool[index.long()]), "assemble gathered the wrong rows"
     moved = 2 * out.numel() * out.element_size()
@@ -185,7 +174,7 @@ class Adapters:
         tensors = (y, x, self.pool_a, self.index_a, self.pool_b, self.index_b, self.scales, ids_t)
 
         def prepare():
-            return tuple(Ready(t) for t in tensors) + (Ready(ws),)
+            return tuple(capsule(t) for t in tensors) + (capsule(ws),)
 
         def run(*handles):
             _C.batched_forward(*handles[:8], workspace=handles[8], stream=stream)
