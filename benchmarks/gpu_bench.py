@@ -238,7 +238,7 @@ def main():
     verdicts.append(f"serving decode, distinct adapters, >= 60% of copy bandwidth: {100 * frac:.0f}%, "
                     f"{verdict(frac >= 0.6)}")
     verdicts.append(f"skewed mix within 1.2x of a single-adapter batch: {skew:.2f}x, {verdict(skew <= 1.2)}")
-    lines = [f"## GPU ({props.name})", "",
+    lines = [f"## GPU ({props.name.replace('NVIDIA ', '')})", "",
              f"{datetime.date.today()}; {props.name}, {props.multi_processor_count} SMs, "
              f"sm_{props.major}{props.minor}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
              f"commit {commit()}. Command: `benchmarks/gpu_check.sh OUTDIR` "

@@ -99,11 +99,13 @@ step() {
     log "=== $name: $verdict after ${took}s"
 }
 
-# A step's last pytest summary line and sanitizer summary line, joined.
+# A step's last pytest summary line and sanitizer summary line, joined; else its last line.
 summary() {
-    { grep -E "^=* *[0-9]+ (passed|failed|skipped|errors?|deselected)" "$1" | tail -1
-      grep -E "(ERROR|RACECHECK) SUMMARY" "$1" | tail -1; } |
-        sed 's/=//g; s/|/\//g; s/^ *//; s/ *$//' | paste -sd ';' -
+    local found
+    found=$({ grep -E "^=* *[0-9]+ (passed|failed|skipped|errors?|deselected)" "$1" | tail -1
+              grep -E "(ERROR|RACECHECK) SUMMARY" "$1" | tail -1; })
+    [ -n "$found" ] || found=$(grep -v '^[[:space:]]*$' "$1" | tail -1 | cut -c1-160)
+    echo "$found" | sed 's/=//g; s/|/\//g; s/^ *//; s/ *$//' | paste -sd ';' -
 }
 
 install_and_build() {
@@ -115,18 +117,22 @@ install_and_build() {
 torch.cuda.get_device_name()); assert info['cuda'] and torch.cuda.is_available()"
 }
 
+# compute-sanitizer TOOL CMD...: exit 3 when the tool reports an error. torch's caching allocator
+# is off so memcheck sees each tensor's own bounds.
 sanitizer() {
-    local tool=$1
+    local tool=$1 exe
     shift
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-        --print-limit 20 "$@"
+    exe=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null) ||
+        { echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin)"; return 127; }
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$exe" --tool "$tool" --error-exitcode 3 --print-limit 20 "$@"
 }
 
 export -f install_and_build sanitizer
 export PY WHEELS SITE
+export MOS_COMMIT=${MOS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set MOS_COMMIT)")}
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-log "gpu_check: $(date -u +%FT%TZ), commit ${MOS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+log "gpu_check: $(date -u +%FT%TZ), commit $MOS_COMMIT"
 log "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 
 step build "$T_BUILD" install_and_build
@@ -137,13 +143,13 @@ step racecheck "$T_RACECHECK" sanitizer racecheck --racecheck-report hazard "$PY
 step benchmarks "$T_BENCH" "$PY" benchmarks/gpu_bench.py --out "$SCRATCH/bench.md"
 
 {
-    echo "### gpu_check steps"
+    if [ -s "$SCRATCH/bench.md" ]; then cat "$SCRATCH/bench.md"; else echo "## GPU"; echo ""; echo "(no benchmark table: see benchmarks.log)"; fi
+    echo ""
+    echo "### gpu_check steps ($(date -u +%F), commit $MOS_COMMIT)"
     echo ""
     echo "| step | result | time | summary |"
     echo "|---|---|---:|---|"
     printf '%s\n' "${STEPS[@]}"
-    echo ""
-    if [ -s "$SCRATCH/bench.md" ]; then cat "$SCRATCH/bench.md"; else echo "(no benchmark table: see benchmarks.log)"; fi
 } >"$RESULTS"
 log ""
 log "=== results ($RESULTS)"
