@@ -4,6 +4,8 @@ import pytest
 
 import mos
 
+pytest_plugins = ["pytester"]  # tests of the mos pytest plugin run pytest inside pytest
+
 
 def _cuda_available():
     if not mos.build_info()["cuda"]:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mos.torch import get_mos_model
-from torch_helpers import llama_inputs, logits, make_llama, mos_config, plain_state, randomize_pools
+from mos.testing import assert_exports_match_peft
+from torch_helpers import llama_inputs, logits, make_llama, mos_config, randomize_pools
 
 peft = pytest.importorskip("peft")
 
@@ -26,21 +27,14 @@ def test_exported_lora_loads_in_peft_with_equal_outputs(tmp_path, overrides, exp
     randomize_pools(model)
     expected = logits(model, ids)
     assert not torch.allclose(expected, base_logits, atol=1e-3)  # the adapter does something
-    model.export_lora(str(tmp_path))
+    assert_exports_match_peft(model, tmp_path, ids)  # writes tmp_path/"lora", loads it with peft
 
-    with open(tmp_path / "adapter_config.json") as f:
+    with open(tmp_path / "lora" / "adapter_config.json") as f:
         config = json.load(f)
     assert config["peft_type"] == "LORA" and config["r"] == model.peft_config["default"].r
     assert config["lora_alpha"] == 8.0 and config["use_rslora"] == overrides.get("use_rslora", False)
     if expected_targets is not None:
         assert config["target_modules"] == expected_targets
-
-    base = make_llama(seed=42)
-    base.load_state_dict(plain_state(model.base_model))
-    lora = peft.PeftModel.from_pretrained(base, str(tmp_path))
-    assert sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in lora.modules()) == \
-        sum(len(e) for e in model.adapter_paths("default").values())
-    torch.testing.assert_close(logits(lora, ids), expected, rtol=0, atol=1e-5)
 
 
 def test_exported_matrices_are_the_assembled_ones(tmp_path):

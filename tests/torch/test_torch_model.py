@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import mos
+from mos.testing import assert_no_op_at_init, assert_only_adapter_trainable
 from mos.torch import MoSLinear, MoSModel, get_mos_model
 from torch_helpers import llama_inputs, logits, make_llama, mos_config, randomize_pools
 
@@ -33,12 +34,14 @@ def test_fresh_adapter_is_an_exact_no_op(device):
     model = get_mos_model(base, mos_config())
     assert sum(isinstance(m, MoSLinear) for m in model.modules()) == 14
     assert torch.equal(logits(model, ids), expected)
+    assert_no_op_at_init(model, ids)
 
 
 def test_only_adapter_parameters_change_when_training(device):
     model = get_mos_model(make_llama().to(device), mos_config())
     ids = llama_inputs().to(device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert_only_adapter_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"mos_pools.default.{t}.{side}" for t in LLAMA_TYPES for side in ("pool_a", "pool_b")}
     _train(model, ids)

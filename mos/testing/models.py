@@ -1,0 +1,39 @@
+"""Tiny real transformers models built from configs (no download), and token batches, all seeded."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["tiny_llama", "tiny_gpt2", "token_batch", "TINY_VOCAB"]
+
+TINY_VOCAB = 128
+_LLAMA = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)
+_GPT2 = dict(vocab_size=TINY_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+
+
+def _build(model_class, config, seed, device, dtype):
+    torch.manual_seed(seed)
+    return model_class(config).to(device=device, dtype=dtype).eval()
+
+
+def tiny_llama(seed: int = 0, device="cpu", dtype=torch.float32, **config_overrides):
+    """A LlamaForCausalLM (2 layers, hidden 32, 4 heads, 2 KV heads, vocab 128) in eval mode;
+    the same seed and overrides give the same weights."""
+    import transformers
+
+    config = transformers.LlamaConfig(**{**_LLAMA, **config_overrides})
+    return _build(transformers.LlamaForCausalLM, config, seed, device, dtype)
+
+
+def tiny_gpt2(seed: int = 0, device="cpu", dtype=torch.float32, **config_overrides):
+    """A GPT2LMHeadModel (2 layers, width 32, 4 heads, vocab 128) in eval mode, seeded like tiny_llama."""
+    import transformers
+
+    config = transformers.GPT2Config(**{**_GPT2, **config_overrides})
+    return _build(transformers.GPT2LMHeadModel, config, seed, device, dtype)
+
+
+def token_batch(batch: int = 2, seq: int = 8, vocab_size: int = TINY_VOCAB, seed: int = 1, device="cpu"):
+    """(batch, seq) int64 token ids drawn uniformly from [0, vocab_size) by a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=g).to(device)
