@@ -48,10 +48,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as out:
         training = transformers.TrainingArguments(
             output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-2,
-            logging_steps=max(steps // 4, 1), save_strategy="no", report_to=[], use_cpu=True,
-            # MoSModel.forward takes **kwargs, so Trainer would drop every column it cannot see in
-            # the signature; keep them.
-            remove_unused_columns=False)
+            logging_steps=max(steps // 4, 1), save_strategy="no", report_to=[], use_cpu=True)
         trainer = transformers.Trainer(model=model, args=training, train_dataset=CountingData(256))
         result = trainer.train()
         print(f"trained {result.global_step} steps, final training loss {result.training_loss:.3f}")
