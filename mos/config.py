@@ -4,7 +4,20 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import wraps
 from typing import Optional, Union
+
+from .peft_options import pop_peft_options
+
+
+def _accepting_peft_options(init):
+    """Wraps the dataclass __init__ so PEFT LoraConfig options are dropped or refused by name
+    (ValueError) instead of failing as unexpected keywords."""
+    @wraps(init)
+    def __init__(self, *args, **kwargs):
+        pop_peft_options(kwargs)
+        init(self, *args, **kwargs)
+    return __init__
 
 
 def _help(text, default=MISSING, default_factory=MISSING):
@@ -35,8 +48,21 @@ class MoSConfig:
         "Forward rank per module type ({'lm_head': 2}), overriding r (PEFT's rank_pattern, keyed by module "
         "type). Ranks lowered for types with too few layers are recorded here, so a saved adapter "
         "loads exactly.", default_factory=dict)
+    exclude_modules: Optional[Union[list, str]] = _help(
+        "Modules never adapted, with target_modules' rules: list of names/suffixes, or a regex (str).", None)
+    layers_to_transform: Optional[Union[list, int]] = _help(
+        "Adapt only these layer indices (int or list); with a list target_modules, as in PEFT.", None)
+    layers_pattern: Optional[Union[list, str]] = _help(
+        "Name(s) of the module list holding the layers (e.g. 'layers', 'h'), read with layers_to_transform.",
+        None)
+    modules_to_save: Optional[list] = _help(
+        "Modules (names/suffixes) trained in full and saved with the adapter, e.g. a classifier head.", None)
+    bias: str = _help("'none', 'all' (train every bias) or 'lora_only' (biases of adapted layers); "
+                      "trained biases are saved with the adapter.", "none")
     seed: int = _help("Seed of the index tables and of the initial pool values.", 0)
-    init_lora_weights: bool = _help("True: B-pool zero so a fresh adapter is a no-op (LoRA's init).", True)
+    init_lora_weights: Union[bool, str] = _help(
+        "True: A-pool Kaiming-uniform, B-pool zero (a fresh adapter is a no-op); 'gaussian': A-pool "
+        "N(0, 1/r), B-pool zero; False: both pools random (not a no-op).", True)
     pool_dtype: str = _help("dtype of the pools (float32 keeps training stable with 16-bit bases).", "float32")
     layer_pattern: str = _help(
         "Regex whose first group is the layer index in a module path (for privatization).", r"\.(\d+)\.")
@@ -58,9 +84,16 @@ class MoSConfig:
             raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        for name in ("use_rslora", "pair_dissociation", "subset_selection", "init_lora_weights"):
+        for name in ("use_rslora", "pair_dissociation", "subset_selection"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_init(self.init_lora_weights)
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        for name in ("exclude_modules", "layers_pattern"):
+            setattr(self, name, _names(name, getattr(self, name), regex_allowed=True))
+        self.modules_to_save = _names("modules_to_save", self.modules_to_save, regex_allowed=False)
+        self.layers_to_transform = _layer_indices(self.layers_to_transform)
         if self.pool_dtype not in ("float32", "float64", "float16", "bfloat16"):
             raise ValueError(f"pool_dtype must be float32, float64, float16 or bfloat16, got {self.pool_dtype!r}")
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple, set)):
@@ -95,6 +128,8 @@ class MoSConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MoSConfig":
+        data = dict(data)
+        pop_peft_options(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -118,9 +153,49 @@ def _document_fields(cls):
 _document_fields(MoSConfig)
 
 
+# init_lora_weights values of PEFT that set each layer's A and B from that layer's own weights or
+# data (SVD, quantization error, activations): shared pools hold no per-layer factors to set.
+_PER_LAYER_INITS = ("pissa", "olora", "loftq", "eva", "corda", "orthogonal", "lora_ga")
+
+
+def _check_init(value):
+    if isinstance(value, bool) or value == "gaussian":
+        return
+    if isinstance(value, str) and value.lower().split("_niter_")[0] in _PER_LAYER_INITS:
+        raise ValueError(f"init_lora_weights={value!r} is not supported by MoS: it derives each layer's A "
+                         f"and B from that layer, but MoS layers gather them from shared pools; "
+                         f"use True, False or 'gaussian'")
+    raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {value!r}")
+
+
+def _names(name, value, regex_allowed):
+    """None, a list of non-empty module names, or (when allowed) one regex string."""
+    if value is None or (regex_allowed and isinstance(value, str)):
+        return value
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
+        return sorted(value) if isinstance(value, set) else list(value)
+    raise ValueError(f"{name} must be a list of module names{' or a regex string' if regex_allowed else ''}, "
+                     f"got {value!r}")
+
+
+def _layer_indices(value):
+    if value is None:
+        return None
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        raise ValueError(f"layers_to_transform must be a layer index or a list of them, got {value!r}")
+    return value if isinstance(value, int) else list(items)
+
+
 def _require_int(config, name, minimum):
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+MoSConfig.__init__ = _accepting_peft_options(MoSConfig.__init__)

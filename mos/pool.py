@@ -128,10 +128,14 @@ class ShardPool:
     # ------------------------------------------------------------------ values and state
     def init_values(self, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(pool_a, pool_b): P_A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (LoRA's A init over the full
-        vector), P_B = 0 (or the same law over d_out when config.init_lora_weights is False)."""
+        vector), or N(0, 1/r) with init_lora_weights="gaussian" (PEFT's gaussian init); P_B = 0
+        (or U(-1/sqrt(d_out), 1/sqrt(d_out)) when config.init_lora_weights is False)."""
         rng = np.random.default_rng(_C.route_key(self.config.seed, self.name, 0, INIT_TAG))
-        bound_a = 1.0 / math.sqrt(self.d_in)
-        pool_a = rng.uniform(-bound_a, bound_a, self.pool_a_shape).astype(dtype)
+        if self.config.init_lora_weights == "gaussian":
+            pool_a = rng.normal(0.0, 1.0 / self.rank, self.pool_a_shape).astype(dtype)
+        else:
+            bound_a = 1.0 / math.sqrt(self.d_in)
+            pool_a = rng.uniform(-bound_a, bound_a, self.pool_a_shape).astype(dtype)
         if self.config.init_lora_weights:
             pool_b = np.zeros(self.pool_b_shape, dtype=dtype)
         else:

@@ -47,7 +47,9 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
         "use_rslora": config.use_rslora,
         "target_modules": _lora_target_modules(mos_model.base_model, paths),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT's flag for weights stored (d_in, d_out), as GPT-2's Conv1D (PEFT checks it per layer).
+        "fan_in_fan_out": any(layer.fan_in_fan_out for entries in mos_model.adapter_paths(name).values()
+                              for _, layer in entries),
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .base_layers import dense_weight, features, is_adaptable, is_conv1d, quantization, write_dense_weight
 from .call_context import current_batch
 from .ops import adapter_linear
 from .pools import SharedPools
@@ -35,17 +36,21 @@ class _AdapterSlot:
 
 
 class MoSLinear(nn.Module):
-    """y = base_layer(x) + s * (dropout(x) A_k^T) B_k^T for the active adapter.
+    """y = base_layer(x) + s * (dropout(x) A_k^T) B_k^T for each active adapter.
+
+    The base layer is an nn.Linear, GPT-2's Conv1D (weight stored (d_in, d_out): fan_in_fan_out)
+    or a bitsandbytes Linear4bit / Linear8bitLt; merge writes through base_layers, which
+    transposes or dequantizes and requantizes as the layout needs.
 
     The wrapped layer stays as `base_layer`. Pools belong to the MoSModel; this layer keeps plain
     references (never registered here), so shared pools are stored once. Pools may be float32
     while the base is bf16/fp16: the adapter input is cast to the pools' dtype and the adapter's
     output back to the base output's dtype."""
 
-    def __init__(self, base_layer: nn.Linear, module_type: str):
+    def __init__(self, base_layer: nn.Module, module_type: str):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"MoSLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        if not is_adaptable(base_layer):
+            raise TypeError(f"MoSLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.module_type = module_type
         self.lora_dropout = nn.ModuleDict()
@@ -57,11 +62,22 @@ class MoSLinear(nn.Module):
     # ------------------------------------------------------------------ passthrough
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return features(self.base_layer)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return features(self.base_layer)[1]
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """True when the base weight is stored (d_in, d_out), as GPT-2's Conv1D (PEFT's flag)."""
+        return is_conv1d(self.base_layer)
+
+    @property
+    def active_adapters(self) -> list:
+        """The adapters that run: active_adapter is None, one name, or a list of names."""
+        active = self.active_adapter
+        return [] if active is None else [active] if isinstance(active, str) else list(active)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -94,8 +110,9 @@ class MoSLinear(nn.Module):
         self._slots.pop(name, None)
         if name in self.lora_dropout:
             del self.lora_dropout[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
+        if name in self.active_adapters:
+            remaining = [n for n in self.active_adapters if n != name]
+            self.active_adapter = remaining[0] if len(remaining) == 1 else (remaining or None)
 
     def slot(self, name: str) -> _AdapterSlot:
         return self._slots[name]
@@ -115,8 +132,8 @@ class MoSLinear(nn.Module):
     def forward(self, x, *args, adapter_names=None, **kwargs):
         # Decision table:
         #   adapters disabled               -> base layer only (unmerging first if merged)
-        #   active adapter merged or absent -> base layer only (its update is in the weight, or none)
-        #   otherwise                       -> base layer + adapter update
+        #   otherwise                       -> base layer + the update of each active adapter that is
+        #                                      neither merged (already in the weight) nor absent here
         #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (serving.py)
         batch = current_batch()  # set by mos.torch.serving, per call
         if batch is not None and batch.serves(self):
@@ -130,10 +147,10 @@ class MoSLinear(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        name = self.active_adapter
-        if name is None or name not in self._slots or name in self.merged_adapters:
-            return result
-        return self._add_update(result, x, name)
+        for name in self.active_adapters:
+            if name in self._slots and name not in self.merged_adapters:
+                result = self._add_update(result, x, name)
+        return result
 
     def _add_update(self, result, x, name):
         slot = self._slots[name]
@@ -155,17 +172,16 @@ class MoSLinear(nn.Module):
     # ------------------------------------------------------------------ merge
     def _merge_names(self, adapter_names):
         if adapter_names is None:
-            adapter_names = [] if self.active_adapter is None else [self.active_adapter]
+            adapter_names = self.active_adapters
         return [n for n in adapter_names if n in self._slots]
 
     @torch.no_grad()
     def merged_weight(self, names) -> torch.Tensor:
-        """W0 + sum of the adapters' s B A, computed in float32 (or wider)."""
-        weight = self.base_layer.weight
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        merged = weight.to(acc).clone()
+        """W0 + sum of the adapters' s B A as (d_out, d_in), computed in float32 (or wider);
+        W0 is dequantized first for a bitsandbytes base."""
+        merged = dense_weight(self.base_layer)
         for name in names:
-            merged += self.get_delta_weight(name).to(device=weight.device, dtype=acc)
+            merged += self.get_delta_weight(name).to(device=merged.device, dtype=merged.dtype)
         return merged
 
     @torch.no_grad()
@@ -186,7 +202,7 @@ class MoSLinear(nn.Module):
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter(s) {names} into {self.module_type} gives NaN/inf weights; "
                              f"the adapter is broken")
-        self.base_layer.weight.copy_(merged)
+        write_dense_weight(self.base_layer, merged)
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -194,12 +210,15 @@ class MoSLinear(nn.Module):
         """Subtracts merged adapters again (all of them by default), last merged first."""
         names = list(self.merged_adapters) if adapter_names is None else \
             [n for n in self.merged_adapters if n in adapter_names]
-        weight = self.base_layer.weight
-        acc = torch.promote_types(weight.dtype, torch.float32)
+        if not names:
+            return
+        restored = dense_weight(self.base_layer)
         for name in reversed(names):
-            restored = weight.to(acc) - self.get_delta_weight(name).to(device=weight.device, dtype=acc)
-            weight.copy_(restored)
+            restored -= self.get_delta_weight(name).to(device=restored.device, dtype=restored.dtype)
             self.merged_adapters.remove(name)
+        write_dense_weight(self.base_layer, restored)  # once, so a quantized base rounds once
 
     def extra_repr(self) -> str:
-        return f"module_type={self.module_type!r}, adapters={self.adapter_names}, active={self.active_adapter!r}"
+        quantized = quantization(self.base_layer)
+        return (f"module_type={self.module_type!r}, adapters={self.adapter_names}, active={self.active_adapter!r}"
+                + (f", base={quantized}" if quantized else ""))

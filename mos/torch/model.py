@@ -168,7 +168,8 @@ class MoSModel(nn.Module):
         # From here on nothing can fail.
         for layout in layouts.values():
             for position, site in enumerate(layout.sites):
-                layer = site.module if isinstance(site.module, MoSLinear) else self._wrap(site.path, site.module)
+                layer = site.module if isinstance(site.module, MoSLinear) else \
+                    self._wrap(site.path, site.module, layout.module_type)
                 layer.add_adapter(adapter_name, pools[layout.module_type], position,
                                   config.scaling_for(layout.module_type), config.lora_dropout)
         self.mos_pools[adapter_name] = pools
@@ -179,8 +180,8 @@ class MoSModel(nn.Module):
             param.requires_grad_(False)
         self._sync_requires_grad()
 
-    def _wrap(self, path, linear):
-        layer = MoSLinear(linear, path.rsplit(".", 1)[-1])
+    def _wrap(self, path, linear, module_type):
+        layer = MoSLinear(linear, module_type)
         layer.active_adapter = self.active_adapter
         layer.train(linear.training)
         _set_submodule(self.base_model, path, layer)
@@ -228,7 +229,8 @@ class MoSModel(nn.Module):
         by_type = {}
         for path, layer in self._named_mos_layers():
             if adapter_name in layer.adapter_names:
-                by_type.setdefault(layer.module_type, []).append((layer.slot(adapter_name).position, path, layer))
+                slot = layer.slot(adapter_name)
+                by_type.setdefault(slot.pools.shard_pool.name, []).append((slot.position, path, layer))
         return {t: [(p, l) for _, p, l in sorted(entries, key=lambda e: e[0])] for t, entries in by_type.items()}
 
     # ------------------------------------------------------------------ merge / unload
@@ -330,7 +332,7 @@ def _plan(model, config, state=None):
     changes nothing. The config returned records ranks lowered for types with too few layers
     (only for a new adapter: a saved one, `state`, must fit as saved)."""
     with _config_errors(state):
-        layouts = find_targets(model, config.target_modules, config.layer_pattern)
+        layouts = find_targets(model, config)
     if state is not None:
         files.check_layouts(state, layouts)
     with _config_errors(state):

@@ -6,6 +6,10 @@ is every nn.Linear except the output head. A module's type is its attribute name
 layer index is the first group of config.layer_pattern searched in its path
 (model.layers.3.self_attn.q_proj -> 3). Within a type, layers are ordered by layer index (ties:
 order of appearance); that order is the position used for privatization and the index tables.
+exclude_modules, layers_to_transform / layers_pattern and modules_to_save narrow the matches as in
+PEFT. Modules that share a name but not a shape (CLIP's text and vision q_proj) form one type per
+shape, named "<name>_<d_in>x<d_out>"; the name depends only on the model, so every adapter of a
+model names its types alike.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .base_layers import features, is_adaptable
 from .layer import MoSLinear
 
 __all__ = ["Site", "TypeLayout", "find_targets", "default_target_modules", "ALL_LINEAR"]
@@ -39,7 +44,8 @@ class Site:
     layer_index: int | None
 
     @property
-    def linear(self) -> nn.Linear:
+    def linear(self) -> nn.Module:
+        """The wrapped layer: nn.Linear (bitsandbytes ones included) or GPT-2's Conv1D."""
         return self.module.base_layer if isinstance(self.module, MoSLinear) else self.module
 
 
@@ -67,8 +73,13 @@ def default_target_modules(model: nn.Module):
     return list(targets) if targets else None
 
 
-def _output_head_paths(model: nn.Module) -> set:
-    """Paths of the output head "all-linear" leaves alone: get_output_embeddings() and lm_head."""
+# Classification heads "all-linear" leaves alone for task_type="SEQ_CLS" (PEFT's list).
+_SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def _output_head_paths(model: nn.Module, task_type=None) -> set:
+    """Paths of the output head "all-linear" leaves alone: get_output_embeddings(), lm_head, and
+    for sequence classification the classifier head."""
     head = None
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
@@ -79,6 +90,8 @@ def _output_head_paths(model: nn.Module) -> set:
     paths = set()
     for path, module in model.named_modules():
         if (head is not None and module is head) or path.rsplit(".", 1)[-1] == "lm_head":
+            paths.add(path)
+        if task_type == "SEQ_CLS" and path in _SEQ_CLS_HEADS:
             paths.add(path)
     return paths
 
@@ -94,20 +107,59 @@ def _candidate_modules(model: nn.Module):
         yield path, module
 
 
-def _matcher(target_modules, model):
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        heads = _output_head_paths(model)
-        return lambda path, module: isinstance(module, (nn.Linear, MoSLinear)) and path not in heads
-    if isinstance(target_modules, str):
+def _name_matcher(option, names):
+    """PEFT's rule: a list matches a path exactly or as a dotted suffix; a string is a full regex."""
+    if isinstance(names, str):
         try:
-            pattern = re.compile(target_modules)
+            pattern = re.compile(names)
         except re.error as err:
-            raise ValueError(f"target_modules: invalid regex {target_modules!r}: {err}") from None
-        return lambda path, module: pattern.fullmatch(path) is not None
-    names = list(target_modules)
+            raise ValueError(f"{option}: invalid regex {names!r}: {err}") from None
+        return lambda path: pattern.fullmatch(path) is not None
+    names = list(names)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"target_modules: expected non-empty module names, got {target_modules!r}")
-    return lambda path, module: any(path == n or path.endswith("." + n) for n in names)
+        raise ValueError(f"{option}: expected non-empty module names, got {names!r}")
+    return lambda path: any(path == n or path.endswith("." + n) for n in names)
+
+
+def _matcher(config, model):
+    target_modules = config.target_modules
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        heads = _output_head_paths(model, config.task_type)
+        matches = lambda path, module: is_adaptable(_unwrapped(module)) and path not in heads  # noqa: E731
+    else:
+        by_name = _name_matcher("target_modules", target_modules)
+        matches = lambda path, module: by_name(path)  # noqa: E731
+        if not isinstance(target_modules, str) and config.layers_to_transform is not None:
+            in_layers = _layer_filter(config.layers_to_transform, config.layers_pattern)
+            matches = lambda path, module: by_name(path) and in_layers(path)  # noqa: E731
+    excluded = [_name_matcher("exclude_modules", config.exclude_modules)] if config.exclude_modules else []
+    if config.modules_to_save:  # PEFT never adapts inside a module it saves whole
+        saved = [re.compile(rf"(^|.*\.){re.escape(m)}($|\..*)") for m in config.modules_to_save]
+        excluded.append(lambda path: any(p.match(path) for p in saved))
+    return lambda path, module: matches(path, module) and not any(e(path) for e in excluded)
+
+
+def _layer_filter(layers_to_transform, layers_pattern):
+    """Path -> whether its layer index (PEFT's rule: the first numbered segment, or the one after
+    layers_pattern) is in layers_to_transform."""
+    wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+    if not layers_pattern:
+        patterns = [re.compile(r".*?\.[^.]*\.(\d+)\.")]
+    else:
+        names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        patterns = [re.compile(rf"(?:^|.*?\.){name}\.(\d+)\.") for name in names]
+
+    def in_layers(path):
+        for pattern in patterns:
+            match = pattern.match(path)
+            if match is not None:
+                return int(match.group(1)) in wanted
+        return False
+    return in_layers
+
+
+def _unwrapped(module):
+    return module.base_layer if isinstance(module, MoSLinear) else module
 
 
 def _layer_index(path: str, layer_pattern: re.Pattern):
@@ -115,44 +167,54 @@ def _layer_index(path: str, layer_pattern: re.Pattern):
     return None if match is None else int(match.group(1))
 
 
-def find_targets(model: nn.Module, target_modules, layer_pattern: str) -> dict:
-    """{module type: TypeLayout} of the modules `target_modules` selects. Pure: changes nothing.
+def find_targets(model: nn.Module, config) -> dict:
+    """{module type: TypeLayout} of the modules config selects (target_modules, exclude_modules,
+    layers_to_transform, layers_pattern, modules_to_save, layer_pattern). Pure: changes nothing.
 
-    Raises ValueError when nothing matches, when a match is not a linear layer, or when modules of
-    one type disagree on (d_in, d_out)."""
+    Raises ValueError when nothing matches or when a match is not a linear layer."""
+    target_modules = config.target_modules
     if target_modules is None:
         raise ValueError("target_modules is None and there is no default for this model; "
                          "set it to module names (e.g. ['q_proj', 'v_proj']), a regex or 'all-linear'")
     try:
-        layer_re = re.compile(layer_pattern)
+        layer_re = re.compile(config.layer_pattern)
     except re.error as err:
-        raise ValueError(f"layer_pattern: invalid regex {layer_pattern!r}: {err}") from None
+        raise ValueError(f"layer_pattern: invalid regex {config.layer_pattern!r}: {err}") from None
     if layer_re.groups < 1:
-        raise ValueError(f"layer_pattern: {layer_pattern!r} needs a group capturing the layer index")
-    matches = _matcher(target_modules, model)
+        raise ValueError(f"layer_pattern: {config.layer_pattern!r} needs a group capturing the layer index")
+    matches = _matcher(config, model)
+    candidates = list(_candidate_modules(model))
+    type_names = _type_names(candidates)
     layouts = {}
-    for path, module in _candidate_modules(model):
+    for path, module in candidates:
         if not matches(path, module):
             continue
-        if not isinstance(module, (nn.Linear, MoSLinear)):
+        if not is_adaptable(_unwrapped(module)):
             raise ValueError(f"target_modules={target_modules!r} matches {path!r}, a "
-                             f"{type(module).__name__}; MoS adapts nn.Linear layers only")
+                             f"{type(module).__name__}; MoS adapts linear layers only (nn.Linear, "
+                             f"GPT-2's Conv1D, bitsandbytes Linear4bit/Linear8bitLt)")
         site = Site(path, module, _layer_index(path, layer_re))
-        module_type = path.rsplit(".", 1)[-1]
-        shape = (site.linear.in_features, site.linear.out_features)
-        layout = layouts.setdefault(module_type, TypeLayout(module_type, *shape))
-        if shape != (layout.d_in, layout.d_out):
-            first = layout.sites[0].path
-            raise ValueError(f"module type {module_type!r}: {path!r} is {shape[0]} -> {shape[1]} but "
-                             f"{first!r} is {layout.d_in} -> {layout.d_out}; one type shares one pool, "
-                             f"so its modules must agree (target them separately with a regex)")
-        layout.sites.append(site)
+        shape = features(site.linear)
+        module_type = type_names[(path.rsplit(".", 1)[-1], shape)]
+        layouts.setdefault(module_type, TypeLayout(module_type, *shape)).sites.append(site)
     if not layouts:
-        linear = [p for p, m in _candidate_modules(model) if isinstance(m, (nn.Linear, MoSLinear))]
+        linear = [p for p, m in candidates if is_adaptable(_unwrapped(m))]
         hint = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in linear})[:12]) or "none"
         raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
-                         f"(its linear module names: {hint})")
+                         f"(its linear module names: {hint}; exclude_modules={config.exclude_modules!r}, "
+                         f"layers_to_transform={config.layers_to_transform!r})")
     for layout in layouts.values():
         # Stable sort: ties (and paths without an index) keep their order of appearance.
         layout.sites.sort(key=lambda s: -1 if s.layer_index is None else s.layer_index)
     return layouts
+
+
+def _type_names(candidates) -> dict:
+    """{(attribute name, (d_in, d_out)): type name} over every linear-like module of the model: the
+    attribute name, or "<name>_<d_in>x<d_out>" when the model has that name in several shapes."""
+    shapes = {}
+    for path, module in candidates:
+        if is_adaptable(_unwrapped(module)):
+            shapes.setdefault(path.rsplit(".", 1)[-1], set()).add(features(_unwrapped(module)))
+    return {(name, shape): name if len(found) == 1 else f"{name}_{shape[0]}x{shape[1]}"
+            for name, found in shapes.items() for shape in found}
