@@ -20,7 +20,7 @@ WHEELS=${WHEEL_DIR:-.whl}
 PY_VERSION=3.12
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64)
 # Step timeouts in seconds: with the kill grace of each, under 420 s (7 minutes) in all.
-T_BUILD=100 T_TESTS=110 T_MEMCHECK=75 T_RACECHECK=30 T_BENCH=80
+T_BUILD=90 T_TESTS=100 T_MEMCHECK=95 T_RACECHECK=30 T_BENCH=70
 KILL_AFTER=2  # seconds between a timeout's TERM and its KILL
 CORE_CUDA_TESTS=(tests/test_cuda_ops.py tests/test_serving_ops.py)
 
