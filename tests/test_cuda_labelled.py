@@ -209,3 +209,15 @@ def test_functional_gather_ops_launch_on_the_given_stream(op):
         else:
             F.scatter_add(pool, CudaLabelled(p.rows), index, stream=STREAM)
     assert pool.streams == [STREAM] and index.streams == [STREAM]
+
+
+def test_uint8_workspace_serves_the_cpu_path_too():
+    """The same raw-bytes workspace on CPU gives the numbers the core's own scratch gives."""
+    p = Problem(torch.float32)
+    args = [t.numpy() for t in (p.x, p.pool_a, p.index_a, p.pool_b, p.index_b)]
+    want, got = np.zeros((p.n, p.d_out), np.float32), np.zeros((p.n, p.d_out), np.float32)
+    _C.linear_forward(want, *args, 0.5)
+    ws = workspace(F.workspace_bytes(p.n, p.d_in, p.d_out, p.r, 4)).numpy()
+    _C.linear_forward(got, *args, 0.5, workspace=ws)
+    np.testing.assert_array_equal(got, want)
+    assert np.any(ws != 0)  # the core worked in it
