@@ -101,9 +101,21 @@ def _capsule(tensor):
     if tensor is None:
         return None
     tensor = tensor.detach()
+    if type(tensor) is not torch.Tensor:
+        _check_plain(tensor)
     if _to_dlpack_versioned is None:
         return _export(tensor)
     return _to_dlpack_versioned(tensor)
+
+
+def _check_plain(tensor):
+    """Refuses distributed tensors, whose DLPack view would not be the whole tensor."""
+    from .sharding import is_sharded
+
+    if is_sharded(tensor):
+        raise TypeError("mos got a DTensor (a parameter still sharded by FSDP2): the pools must be sharded "
+                        "by the root's fully_shard(model), which gathers them before the layers run, not "
+                        "by a fully_shard of their own")
 
 
 def _launch_options(x, n_rows, d_in, d_out, rank, backward, with_h):

@@ -110,3 +110,20 @@ def test_fsdp2_two_processes_equal_single_process_and_save_loads(tmp_path):
     ids = fsdp_worker.global_batches()[0]
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, single(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_a_pool_still_sharded_is_refused_not_read(tmp_path):
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from mos.torch import adapter_linear
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        pool = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+        index = torch.tensor([0, 1], dtype=torch.int32)
+        with pytest.raises(TypeError, match="DTensor .*fully_shard"):
+            adapter_linear(torch.randn(3, 8), pool, index, torch.randn(8, 4), index, 1.0)
+    finally:
+        dist.destroy_process_group()
