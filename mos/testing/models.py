@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llama", "tiny_gpt2", "token_batch", "TINY_VOCAB"]
+__all__ = ["tiny_llama", "tiny_gpt2", "token_batch", "TINY_VOCAB", "LLAMA_CONFIG", "GPT2_CONFIG"]
 
 TINY_VOCAB = 128
-_LLAMA = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+LLAMA_CONFIG = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2)
-_GPT2 = dict(vocab_size=TINY_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+GPT2_CONFIG = dict(vocab_size=TINY_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
 
 
 def _build(model_class, config, seed, device, dtype):
@@ -21,7 +21,7 @@ def tiny_llama(seed: int = 0, device="cpu", dtype=torch.float32, **config_overri
     the same seed and overrides give the same weights."""
     import transformers
 
-    config = transformers.LlamaConfig(**{**_LLAMA, **config_overrides})
+    config = transformers.LlamaConfig(**{**LLAMA_CONFIG, **config_overrides})
     return _build(transformers.LlamaForCausalLM, config, seed, device, dtype)
 
 
@@ -29,7 +29,7 @@ def tiny_gpt2(seed: int = 0, device="cpu", dtype=torch.float32, **config_overrid
     """A GPT2LMHeadModel (2 layers, width 32, 4 heads, vocab 128) in eval mode, seeded like tiny_llama."""
     import transformers
 
-    config = transformers.GPT2Config(**{**_GPT2, **config_overrides})
+    config = transformers.GPT2Config(**{**GPT2_CONFIG, **config_overrides})
     return _build(transformers.GPT2LMHeadModel, config, seed, device, dtype)
 
 

@@ -52,12 +52,17 @@ def train(model, batches, shard=None):
         opt.zero_grad()
 
 
-def worker(rank, port, out_path):
+def join_group(rank, port, world=WORLD):
+    """Joins the gloo group of a spawned worker, one thread each for torch and mos's BLAS."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     mos.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def worker(rank, port, out_path):
+    join_group(rank, port)
     try:
         model = make_model().train()
         train(torch.nn.parallel.DistributedDataParallel(model), global_batches(), shard=rank)

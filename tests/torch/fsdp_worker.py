@@ -9,7 +9,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-import mos
+from ddp_worker import join_group
 from mos.torch import get_mos_model
 from torch_helpers import LLAMA_KW, make_llama, mos_config
 
@@ -50,11 +50,7 @@ def placement(model):
 
 
 def worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    mos.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, port, WORLD)
     try:
         model = make_model()
         for layer in model.base_model.model.layers:

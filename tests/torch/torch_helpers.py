@@ -1,25 +1,19 @@
 """Helpers shared by the torch tests: tiny real transformers models, configs and a float64 reference."""
 import numpy as np
 import torch
-import transformers
 
 import mos
-
-LLAMA_KW = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2)
+from mos.testing import tiny_llama, token_batch
+from mos.testing.models import LLAMA_CONFIG as LLAMA_KW
 
 
 def make_llama(seed=0, dtype=torch.float32, **overrides):
     """A LlamaForCausalLM built from a config (no download); same seed, same weights."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**{**LLAMA_KW, **overrides})
-    model = transformers.LlamaForCausalLM(config).to(dtype)
-    return model.eval()
+    return tiny_llama(seed=seed, dtype=dtype, **overrides)
 
 
 def llama_inputs(batch=2, seq=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, LLAMA_KW["vocab_size"], (batch, seq), generator=g)
+    return token_batch(batch=batch, seq=seq, vocab_size=LLAMA_KW["vocab_size"], seed=seed)
 
 
 def mos_config(**overrides):
