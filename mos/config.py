@@ -123,6 +123,12 @@ class MoSConfig:
         """s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (types in rank_pattern: scaling_for)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
+    def is_prompt_learning(self) -> bool:
+        """False: MoS is not a prompt-learning method (PEFT's PeftConfig attribute, read by PEFT and
+        transformers code that inspects a model's peft_config)."""
+        return False
+
     def to_dict(self) -> dict:
         return asdict(self)
 

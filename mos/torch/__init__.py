@@ -14,6 +14,7 @@ from .model import MoSModel, get_mos_model
 from .ops import adapter_linear
 from .pools import SharedPools
 from .serving import AdapterStore
+from .state import get_peft_model_state_dict
 
 __all__ = ["AdapterStore", "MoSLinear", "MoSModel", "SharedPools", "adapter_linear", "export_lora",
-           "get_mos_model"]
+           "get_mos_model", "get_peft_model_state_dict"]

@@ -45,7 +45,7 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": _lora_target_modules(mos_model.base_model, paths),
+        "target_modules": _lora_target_modules(mos_model.get_base_model(), paths),
         "bias": "none",
         # PEFT's flag for weights stored (d_in, d_out), as GPT-2's Conv1D (PEFT checks it per layer).
         "fan_in_fan_out": any(layer.fan_in_fan_out for entries in mos_model.adapter_paths(name).values()

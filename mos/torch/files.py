@@ -32,7 +32,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = "1"
 SAVE_ID = "mos_save_id"  # in both files: which save each one comes from
-_TENSOR_FIELDS = ("pool_a", "pool_b", "index_a", "index_b")
+TENSOR_FIELDS = ("pool_a", "pool_b", "index_a", "index_b")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -49,7 +49,7 @@ def write_adapter(directory: str, config: MoSConfig, pools: dict, paths: dict) -
     remove_stale_temporaries(directory)
     tensors, layout = {}, {}
     for module_type, shared in pools.items():
-        for name in _TENSOR_FIELDS:
+        for name in TENSOR_FIELDS:
             tensors[f"{module_type}.{name}"] = getattr(shared, name).detach().to("cpu").contiguous()
         layout[module_type] = {"d_in": shared.d_in, "d_out": shared.d_out, "modules": list(paths[module_type])}
     save_id = secrets.token_hex(16)
@@ -199,7 +199,7 @@ def validate_adapter(files: AdapterFiles, shard_pools: dict, layouts: dict) -> d
     `shard_pools` is {type: ShardPool} built from files.config and the model's matches, `layouts`
     {type: TypeLayout}. Raises ValueError naming the offending key; changes nothing."""
     where = os.path.join(files.directory, WEIGHTS_NAME)
-    expected = {f"{t}.{name}" for t in shard_pools for name in _TENSOR_FIELDS}
+    expected = {f"{t}.{name}" for t in shard_pools for name in TENSOR_FIELDS}
     missing = sorted(expected - set(files.tensors))
     if missing:
         raise ValueError(f"{where}: missing key {missing[0]!r} (the model's target modules need pools for "

@@ -5,6 +5,7 @@ import copy
 import functools
 import inspect
 import os
+import tempfile
 import types
 from contextlib import contextmanager
 
@@ -29,8 +30,9 @@ def get_mos_model(model: nn.Module, config: MoSConfig, adapter_name: str = "defa
 class MoSModel(nn.Module):
     """A model whose target nn.Linear layers are MoSLinear, plus the pools they share.
 
-    `base_model` is the model passed in (modified in place); `mos_pools[adapter][type]` holds each
-    adapter's pools once; base parameters are frozen and only the active adapter's pools train.
+    `base_model.model` (also get_base_model()) is the model passed in, modified in place, as in
+    PEFT; `mos_pools[adapter][type]` holds each adapter's pools once; base parameters are frozen
+    and only the active adapter's pools train.
     Unknown attributes fall through to the base model (config, generate, device, ...)."""
 
     def __init__(self, model: nn.Module, config: MoSConfig, adapter_name: str = "default"):
@@ -42,7 +44,7 @@ class MoSModel(nn.Module):
     def _init_empty(self, model):
         if isinstance(model, MoSModel):
             raise TypeError("model is already a MoSModel; use add_adapter() for another adapter")
-        self.base_model = model
+        self.base_model = TunedModel(model)
         self.mos_pools = nn.ModuleDict()
         self.peft_config = {}
         self.active_adapter = None
@@ -55,7 +57,7 @@ class MoSModel(nn.Module):
         inspect.signature(model.forward) names (remove_unused_columns=True); `*args, **kwargs`
         would make it drop every column."""
         try:
-            base = inspect.signature(self.base_model.forward)
+            base = inspect.signature(self.get_base_model().forward)
         except (TypeError, ValueError):
             return
         params = [p for p in base.parameters.values() if p.name not in ("self", "adapter_names")]
@@ -92,15 +94,15 @@ class MoSModel(nn.Module):
         if adapter_names is not None:  # one adapter per sample, "__base__" for none (serving.py)
             from .serving import mixed_batch
             with mixed_batch(self, adapter_names, args, kwargs):
-                return self.base_model(*args, **kwargs)
-        return self.base_model(*args, **kwargs)
+                return self.get_base_model()(*args, **kwargs)
+        return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args, adapter_names=None, **kwargs):
         if adapter_names is not None:
             from .serving import mixed_batch
             with mixed_batch(self, adapter_names, args, kwargs):
-                return self.base_model.generate(*args, **kwargs)
-        return self.base_model.generate(*args, **kwargs)
+                return self.get_base_model().generate(*args, **kwargs)
+        return self.get_base_model().generate(*args, **kwargs)
 
     @property
     def adapter_store(self):
@@ -112,7 +114,8 @@ class MoSModel(nn.Module):
         return store
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The model passed in (with its target layers wrapped), as PEFT's get_base_model()."""
+        return self.base_model.model
 
     @property
     def active_adapters(self) -> list:
@@ -155,10 +158,10 @@ class MoSModel(nn.Module):
         if not isinstance(config, MoSConfig):
             raise TypeError(f"config must be a MoSConfig, got {type(config).__name__}")
         if config.target_modules is None:
-            config.target_modules = default_target_modules(self.base_model)
+            config.target_modules = default_target_modules(self.get_base_model())
         # Plan and validate everything before touching the model, so a failure changes nothing.
         # A new adapter may lower r for types with too few layers; a saved one keeps its ranks.
-        config, layouts, shard_pools = _plan(self.base_model, config, state)
+        config, layouts, shard_pools = _plan(self.get_base_model(), config, state)
         saved = files.validate_adapter(state, shard_pools, layouts) if state is not None else {}
         pools = nn.ModuleDict()
         for module_type, layout in layouts.items():
@@ -184,7 +187,7 @@ class MoSModel(nn.Module):
         layer = MoSLinear(linear, module_type)
         layer.active_adapter = self.active_adapter
         layer.train(linear.training)
-        _set_submodule(self.base_model, path, layer)
+        _set_submodule(self.get_base_model(), path, layer)
         return layer
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -205,7 +208,7 @@ class MoSModel(nn.Module):
         for path, layer in self._named_mos_layers():
             layer.remove_adapter(adapter_name)
             if not layer.adapter_names:
-                _set_submodule(self.base_model, path, layer.base_layer)
+                _set_submodule(self.get_base_model(), path, layer.base_layer)
         del self.mos_pools[adapter_name]
         del self.peft_config[adapter_name]
         self._inference_adapters.discard(adapter_name)
@@ -222,7 +225,7 @@ class MoSModel(nn.Module):
                 param.requires_grad_(trainable)
 
     def _named_mos_layers(self):
-        return [(p, m) for p, m in self.base_model.named_modules() if isinstance(m, MoSLinear)]
+        return [(p, m) for p, m in self.get_base_model().named_modules() if isinstance(m, MoSLinear)]
 
     def adapter_paths(self, adapter_name: str) -> dict:
         """{module type: [(path, layer) in position order]} of one adapter."""
@@ -261,11 +264,11 @@ class MoSModel(nn.Module):
 
     def _unload(self):
         for path, layer in self._named_mos_layers():
-            _set_submodule(self.base_model, path, layer.base_layer)
+            _set_submodule(self.get_base_model(), path, layer.base_layer)
         self.mos_pools = nn.ModuleDict()
         self.peft_config = {}
         self.active_adapter = None
-        return self.base_model
+        return self.get_base_model()
 
     @contextmanager
     def disable_adapter(self):
@@ -294,16 +297,28 @@ class MoSModel(nn.Module):
                 trainable += param.numel()
         return trainable, total
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters of the whole model, each shared pool counted once (transformers' method,
+        answered here because the pools live outside the base model)."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()
+                   if (p.requires_grad or not only_trainable) and id(p) not in skip)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
     # ------------------------------------------------------------------ files
-    def save_pretrained(self, save_directory: str, selected_adapters=None) -> None:
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True, selected_adapters=None,
+                        save_embedding_layers="auto", is_main_process: bool = True, **unsupported) -> None:
         """Writes each adapter as adapter_config.json + adapter_model.safetensors: "default" into
-        save_directory, others into save_directory/<name> (PEFT's layout). With pools sharded by
-        FSDP2's fully_shard, call it on every rank: the pools are gathered and rank 0 writes."""
+        save_directory, others into save_directory/<name> (PEFT's layout and arguments). With pools
+        sharded by FSDP2's fully_shard, call it on every rank: the pools are gathered and rank 0
+        writes. is_main_process=False writes nothing (after taking part in any gather)."""
+        _check_save_options(safe_serialization, save_embedding_layers, unsupported)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             if name not in self.peft_config:
@@ -316,10 +331,23 @@ class MoSModel(nn.Module):
             # Under FSDP2 every rank gathers the sharded pools (a collective), rank 0 writes, and
             # no rank returns before the files exist.
             pools, sharded = sharding.gather_pools(dict(self.mos_pools[name].items()))
-            if not sharded or sharding.is_writer():
+            if is_main_process and (not sharded or sharding.is_writer()):
                 files.write_adapter(directory, self.peft_config[name], pools, paths)
             if sharded:
                 sharding.barrier()
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload MoS adapter", private=None, token=None,
+                    revision=None, create_pr: bool = False, selected_adapters=None, safe_serialization: bool = True):
+        """Uploads what save_pretrained writes (the adapter files, never the base model) to the
+        Hugging Face Hub repository `repo_id`, creating it if needed; returns the commit info."""
+        from huggingface_hub import HfApi
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, selected_adapters=selected_adapters)
+            api = HfApi(token=token)
+            repo = api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
 
     def export_lora(self, save_directory: str, adapter_name: str | None = None) -> None:
         """Writes the adapter as a plain PEFT LoRA adapter (rank r, per-layer A_k and B_k)."""
@@ -351,6 +379,37 @@ def _config_errors(state):
         if state is None:
             raise
         raise ValueError(f"{os.path.join(state.directory, files.CONFIG_NAME)}: {err}") from None
+
+
+def _check_save_options(safe_serialization, save_embedding_layers, unsupported):
+    if unsupported:
+        raise TypeError(f"save_pretrained() got unsupported argument(s) {sorted(unsupported)}; MoS adapters "
+                        f"take safe_serialization, selected_adapters, save_embedding_layers, is_main_process")
+    if safe_serialization is not True:
+        raise ValueError("safe_serialization must be True: MoS adapters are written as safetensors only")
+    if save_embedding_layers not in ("auto", False):
+        raise ValueError(f"save_embedding_layers={save_embedding_layers!r} is not supported: MoS adapts "
+                         f"linear layers only, so there are no embedding layers to save")
+
+
+class TunedModel(nn.Module):
+    """PEFT's `base_model` level (where LoraModel sits): `model` is the model passed in, and calls
+    and unknown attributes go to it, so `mos_model.base_model.model` is the model, as in PEFT."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or "_modules" not in self.__dict__:
+                raise
+            return getattr(self._modules["model"], name)
 
 
 def _check_adapter_name(name, existing):

@@ -71,7 +71,7 @@ def restore_pools(model: MoSModel, directory: str, adapter_name: str) -> None:
     is this one: same config, same modules, same index tables."""
     state = files.read_adapter(directory)
     current = model.peft_config[adapter_name]
-    if state.config.to_dict() != current.to_dict():
+    if _settings(state.config) != _settings(current):
         raise ValueError(f"{os.path.join(directory, files.CONFIG_NAME)}: the saved config differs from "
                          f"adapter {adapter_name!r}'s; it is another adapter")
     pools = model.mos_pools[adapter_name]
@@ -90,6 +90,11 @@ def restore_pools(model: MoSModel, directory: str, adapter_name: str) -> None:
             shared = pools[module_type]
             shared.pool_a.copy_(values[0])
             shared.pool_b.copy_(values[1])
+
+
+def _settings(config):
+    """The config without pool_dtype, which records what the pools hold when saved (a cast model)."""
+    return {k: v for k, v in config.to_dict().items() if k != "pool_dtype"}
 
 
 class _Layout:

@@ -53,7 +53,7 @@ def worker(rank, port, out_dir):
     join_group(rank, port, WORLD)
     try:
         model = make_model()
-        for layer in model.base_model.model.layers:
+        for layer in model.get_base_model().model.layers:
             fully_shard(layer)
         fully_shard(model)
         layout = placement(model)

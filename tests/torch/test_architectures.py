@@ -58,7 +58,7 @@ def test_gpt2_conv1d_layers_are_adapted_like_peft_and_export_exactly(tmp_path):
     lora = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=4, target_modules="all-linear"))
     peft_paths = {p.removeprefix("base_model.model.") for p, m in lora.named_modules()
                   if isinstance(m, peft.tuners.lora.LoraLayer)}
-    layers = {p: m for p, m in model.base_model.named_modules() if isinstance(m, MoSLinear)}
+    layers = {p: m for p, m in model.get_base_model().named_modules() if isinstance(m, MoSLinear)}
     assert set(layers) == peft_paths and len(layers) == 8
     assert all(m.fan_in_fan_out for m in layers.values())
     # c_proj is 32 -> 32 in attention and 128 -> 32 in the MLP: one pool per shape.
@@ -69,7 +69,7 @@ def test_gpt2_conv1d_layers_are_adapted_like_peft_and_export_exactly(tmp_path):
     assert (adapter_out - base_out).abs().max() > 0.1
     model.export_lora(str(tmp_path))
     base = _gpt2(seed=7)
-    base.load_state_dict(plain_state(model.base_model))
+    base.load_state_dict(plain_state(model.get_base_model()))
     exported = peft.PeftModel.from_pretrained(base, str(tmp_path))
     assert exported.peft_config["default"].fan_in_fan_out
     torch.testing.assert_close(_gpt2_logits(exported, ids), adapter_out, rtol=0, atol=1e-5)

@@ -64,7 +64,7 @@ def test_no_op_and_trainable_assertions(tiny_llama, token_batch):
     randomize_pools(model)
     with pytest.raises(AssertionError, match="changes the outputs at init"):
         assert_no_op_at_init(model)
-    model.base_model.lm_head.weight.requires_grad_(True)
+    model.get_base_model().lm_head.weight.requires_grad_(True)
     with pytest.raises(AssertionError, match="lm_head.weight"):
         assert_only_adapter_trainable(model)
 

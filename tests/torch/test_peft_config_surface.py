@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 
 
 def _mos_paths(model):
-    return {p for p, m in model.base_model.named_modules() if isinstance(m, MoSLinear)}
+    return {p for p, m in model.get_base_model().named_modules() if isinstance(m, MoSLinear)}
 
 
 def _peft_paths(**options):

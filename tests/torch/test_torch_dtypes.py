@@ -24,7 +24,7 @@ def test_half_base_with_float32_pools_is_as_accurate_as_peft_lora(tmp_path, dtyp
     out = model(ids).logits
     assert out.dtype == dtype
     model.export_lora(str(tmp_path))
-    state = plain_state(model.base_model)
+    state = plain_state(model.get_base_model())
 
     # Reference: the same (16-bit-representable) weights and adapter, computed in float64.
     reference_base = make_llama(dtype=torch.float64)
@@ -43,7 +43,7 @@ def test_half_base_with_float32_pools_is_as_accurate_as_peft_lora(tmp_path, dtyp
 def test_training_step_on_half_base_updates_float32_pools_only(dtype):
     ids = llama_inputs()
     model = get_mos_model(make_llama(dtype=dtype), mos_config())
-    base_before = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
     model.train()
     loss = model(ids, labels=ids).loss
     assert torch.isfinite(loss)
@@ -55,7 +55,7 @@ def test_training_step_on_half_base_updates_float32_pools_only(dtype):
     # B starts at zero, so A gets no gradient on the first step but B does.
     assert model.mos_pools["default"]["q_proj"].pool_b.grad.abs().sum() > 0
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
-    assert all(torch.equal(v, base_before[k]) for k, v in model.base_model.state_dict().items())
+    assert all(torch.equal(v, base_before[k]) for k, v in model.get_base_model().state_dict().items())
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -64,15 +64,15 @@ def test_merge_and_unmerge_in_half_precision(dtype):
     model = get_mos_model(make_llama(dtype=dtype), mos_config())
     randomize_pools(model, scale=0.1)
     unmerged = _logits(model, ids)
-    weights = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    weights = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
     model.merge_adapter()
-    assert all(v.dtype == dtype for v in model.base_model.state_dict().values())
+    assert all(v.dtype == dtype for v in model.get_base_model().state_dict().values())
     merged = _logits(model, ids)
     spread = unmerged.abs().max().item()
     assert (merged - unmerged).abs().max().item() < 0.02 * spread
     model.unmerge_adapter()
     eps = torch.finfo(dtype).eps
-    for k, v in model.base_model.state_dict().items():
+    for k, v in model.get_base_model().state_dict().items():
         torch.testing.assert_close(v.float(), weights[k].float(), rtol=2 * eps, atol=2 * eps)
 
 
@@ -98,7 +98,7 @@ def test_model_to_moves_and_casts_pools_with_the_model():
     model.to(torch.float64)
     pools = model.mos_pools["default"]["q_proj"]
     assert pools.pool_a.dtype == torch.float64 and pools.index_a.dtype == torch.int32
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.slot("default").pools.pool_a is pools.pool_a  # layers see the converted pools
     out = model(llama_inputs()).logits
     assert out.dtype == torch.float64

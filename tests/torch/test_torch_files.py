@@ -18,7 +18,7 @@ def saved(tmp_path):
     ids = llama_inputs()
     directory = str(tmp_path / "adapter")
     model.save_pretrained(directory)
-    return directory, plain_state(model.base_model), logits(model, ids), model
+    return directory, plain_state(model.get_base_model()), logits(model, ids), model
 
 
 def _fresh_base(state, seed=123):
@@ -84,7 +84,7 @@ def test_several_adapters_save_and_load_adapter(tmp_path):
     randomize_pools(model)
     model.save_pretrained(str(tmp_path))
     assert os.path.isfile(tmp_path / "second" / "adapter_model.safetensors")
-    state = plain_state(model.base_model)
+    state = plain_state(model.get_base_model())
     loaded = MoSModel.from_pretrained(_fresh_base(state), str(tmp_path))
     loaded.load_adapter(str(tmp_path / "second"), "second")
     ids = llama_inputs()

@@ -68,7 +68,7 @@ def test_pools_are_stored_once_per_adapter_and_type():
     pool_keys = [k for k in keys if "pool_" in k or "index_" in k]
     assert sorted(pool_keys) == sorted(f"mos_pools.default.{t}.{f}" for t in LLAMA_TYPES
                                        for f in ("pool_a", "pool_b", "index_a", "index_b"))
-    layer = model.base_model.model.layers[1].self_attn.q_proj
+    layer = model.get_base_model().model.layers[1].self_attn.q_proj
     assert [n for n, _ in layer.named_parameters()] == ["base_layer.weight"]
     assert model.mos_pools["default"]["q_proj"].index_a.dtype == torch.int32
 
@@ -82,7 +82,7 @@ def test_pools_are_stored_once_per_adapter_and_type():
 ])
 def test_target_modules_forms(targets, expected):
     model = get_mos_model(make_llama(), mos_config(target_modules=targets, r=2, equivalent_rank=2, private_rank=1))
-    layers = {p: m for p, m in model.base_model.named_modules() if isinstance(m, MoSLinear)}
+    layers = {p: m for p, m in model.get_base_model().named_modules() if isinstance(m, MoSLinear)}
     assert {m.module_type for m in layers.values()} == expected
     assert set(model.mos_pools["default"]) == expected
     assert not any("lm_head" in p for p in layers)
@@ -116,7 +116,7 @@ def test_layer_position_follows_the_layer_index_in_the_path():
     model = get_mos_model(Net(), cfg)
     pools = model.mos_pools["default"]["fc"]
     for k in range(3):
-        layer = model.base_model.blocks[str(k)].fc
+        layer = model.get_base_model().blocks[str(k)].fc
         assert layer.slot("default").position == k
         private = set(pools.shard_pool.private_rows(k))
         assert private <= set(pools.index_a[k].tolist()) and private <= set(pools.index_b[k].tolist())
@@ -145,8 +145,8 @@ def test_several_adapters_requires_grad_bookkeeping():
     model.delete_adapter("other")
     assert model.active_adapter == "default" and set(model.peft_config) == {"default"}
     assert trainable() == {"default"}
-    assert isinstance(model.base_model.model.layers[0].self_attn.o_proj, nn.Linear)  # restored, not MoSLinear
-    assert not isinstance(model.base_model.model.layers[0].self_attn.o_proj, MoSLinear)
+    assert isinstance(model.get_base_model().model.layers[0].self_attn.o_proj, nn.Linear)  # restored, not MoSLinear
+    assert not isinstance(model.get_base_model().model.layers[0].self_attn.o_proj, MoSLinear)
     torch.testing.assert_close(logits(model, ids), out_default)
 
 
@@ -182,7 +182,7 @@ def test_merge_unmerge_and_unload_equal_the_unmerged_model():
     torch.testing.assert_close(logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()
     torch.testing.assert_close(logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
-    for path, layer in model.base_model.named_modules():
+    for path, layer in model.get_base_model().named_modules():
         if isinstance(layer, MoSLinear):
             torch.testing.assert_close(layer.base_layer.weight, original[path + ".weight"], rtol=0, atol=1e-6)
     merged = model.merge_and_unload()
@@ -202,10 +202,10 @@ def test_safe_merge_refuses_nan_and_merges_nothing():
     randomize_pools(model)
     with torch.no_grad():
         model.mos_pools["default"]["down_proj"].pool_b.fill_(float("inf"))
-    weights = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    weights = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
     with pytest.raises(ValueError, match="NaN/inf"):
         model.merge_adapter(safe_merge=True)
-    assert all(torch.equal(v, weights[k]) for k, v in model.base_model.state_dict().items())
+    assert all(torch.equal(v, weights[k]) for k, v in model.get_base_model().state_dict().items())
     assert not any(m.merged for m in model.modules() if isinstance(m, MoSLinear))
 
 
@@ -230,7 +230,7 @@ def test_deepcopy_keeps_pools_shared_between_layers_and_model():
     clone = copy.deepcopy(model)
     pools = clone.mos_pools["default"]["q_proj"]
     assert pools is not model.mos_pools["default"]["q_proj"]
-    for block in clone.base_model.model.layers:
+    for block in clone.get_base_model().model.layers:
         assert block.self_attn.q_proj.slot("default").pools is pools
     ids = llama_inputs()
     torch.testing.assert_close(logits(clone, ids), logits(model, ids), rtol=0, atol=0)

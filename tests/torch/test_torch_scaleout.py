@@ -28,12 +28,12 @@ def _count_calls(layer):
 def test_non_reentrant_gradient_checkpointing_gives_the_same_gradients():
     ids = llama_inputs()
     plain = _model().train()
-    plain_calls = _count_calls(plain.base_model.model.layers[0].self_attn.q_proj)
+    plain_calls = _count_calls(plain.get_base_model().model.layers[0].self_attn.q_proj)
     plain(ids, labels=ids).loss.backward()
 
     checkpointed = _model().train()
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    calls = _count_calls(checkpointed.base_model.model.layers[0].self_attn.q_proj)
+    calls = _count_calls(checkpointed.get_base_model().model.layers[0].self_attn.q_proj)
     checkpointed(ids, labels=ids).loss.backward()
 
     assert len(plain_calls) == 1 and len(calls) == 2  # the layer really was recomputed in backward

@@ -53,7 +53,7 @@ def test_forward_signature_is_the_base_models_plus_adapter_names():
 
 def test_plain_trainer_with_default_arguments_trains(tmp_path):
     model = _model()
-    base_before = {k: v.clone() for k, v in model.base_model.state_dict().items() if "base_layer" in k}
+    base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "base_layer" in k}
     pools_before = _pools(model)
     trainer = transformers.Trainer(model=model, args=_args(tmp_path, save_strategy="no"),
                                    train_dataset=TokenRows())
@@ -61,7 +61,7 @@ def test_plain_trainer_with_default_arguments_trains(tmp_path):
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
     after = _pools(model)
     assert any(not torch.equal(after[k], pools_before[k]) for k in after if "pool_b" in k)
-    assert all(torch.equal(v, model.base_model.state_dict()[k]) for k, v in base_before.items())
+    assert all(torch.equal(v, model.get_base_model().state_dict()[k]) for k, v in base_before.items())
 
 
 def test_mos_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
