@@ -1,6 +1,8 @@
 /* args.c -- argument validation for the binding: every check runs before any output is touched. */
 #include "args.h"
 
+#include <float.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,13 +29,15 @@ int mos_require_dtype(const mos_view *v, mos_dtype dtype, const char *reference)
     return 0;
 }
 
-int mos_require_index(const mos_view *v) {
+int mos_require_index(mos_view *v) {
     if (v->kind != MOS_KIND_INT32) {
         PyErr_Format(PyExc_TypeError, "%s: index tables must be int32, got %s", v->name,
                      mos_view_kind_name(v));
         return -1;
     }
-    return mos_require_contiguous(v);
+    /* Checked and then read without the GIL: validate and use a private copy, never the
+     * caller's memory, which another Python thread could change in between. */
+    return mos_require_contiguous(v) < 0 ? -1 : mos_view_pin(v);
 }
 
 int mos_require_dim(const mos_view *v, int d, int64_t expected, const char *meaning) {
@@ -113,14 +117,14 @@ int mos_require_blas_sizes(const mos_view *v) {
     return 0;
 }
 
-int mos_require_index_range(const mos_view *v, int64_t bound, int distinct) {
+int mos_require_index_range(const mos_view *v, const mos_view *pool, int distinct) {
     if (v->device != MOS_DEVICE_CPU) return 0;  /* device tables: checked where they are built */
     const int32_t *index = v->data;
-    const int64_t n = v->shape[0];
+    const int64_t n = v->shape[0], bound = pool->shape[0];
     for (int64_t i = 0; i < n; ++i) {
         if (index[i] < 0 || index[i] >= bound) {
-            PyErr_Format(PyExc_ValueError, "%s[%lld] = %d is out of range [0, %lld)", v->name,
-                         (long long)i, (int)index[i], (long long)bound);
+            PyErr_Format(PyExc_ValueError, "%s[%lld] = %d is out of range [0, %lld) (rows of %s)",
+                         v->name, (long long)i, (int)index[i], (long long)bound, pool->name);
             return -1;
         }
     }
@@ -160,6 +164,102 @@ int mos_require_no_overlap(mos_view *const *outputs, int n_outputs, mos_view *co
                 return -1;
             }
         }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- scalar arguments */
+
+int mos_parse_int(PyObject *obj, const char *name, long long lo, long long hi, long long *out) {
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected an integer, got %.100s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *index = PyNumber_Index(obj);
+    if (!index) return -1;
+    int overflow = 0;
+    long long value = PyLong_AsLongLongAndOverflow(index, &overflow);
+    Py_DECREF(index);
+    if (value == -1 && PyErr_Occurred()) return -1;
+    if (overflow || value < lo || value > hi) {
+        PyErr_Format(PyExc_ValueError, "%s must be in [%lld, %lld], got %R", name, lo, hi, obj);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
+int mos_parse_u64(PyObject *obj, const char *name, unsigned long long *out) {
+    long long unused;
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) return mos_parse_int(obj, name, 0, 0, &unused);
+    PyObject *index = PyNumber_Index(obj);
+    if (!index) return -1;
+    unsigned long long value = PyLong_AsUnsignedLongLong(index);
+    Py_DECREF(index);
+    if (value == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be in [0, 2**64), got %R", name, obj);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
+int mos_parse_double(PyObject *obj, const char *name, double *out) {
+    if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyIndex_Check(obj) ||
+                               (Py_TYPE(obj)->tp_as_number && Py_TYPE(obj)->tp_as_number->nb_float))) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a real number, got %.100s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = PyFloat_AsDouble(obj);
+    if (*out == -1.0 && PyErr_Occurred()) {
+        const int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+        PyErr_Clear();  /* e.g. an array of several elements: say which argument */
+        PyErr_Format(overflow ? PyExc_ValueError : PyExc_TypeError,
+                     overflow ? "%s must be finite, got %.100s" : "%s: expected a real number, got %.100s",
+                     name, overflow ? "a value beyond float64" : Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (!isfinite(*out)) {
+        PyErr_Format(PyExc_ValueError, "%s must be finite, got %R", name, obj);
+        return -1;
+    }
+    return 0;
+}
+
+static double largest_finite(mos_dtype dtype) {
+    switch (dtype) {
+    case MOS_F32: return FLT_MAX;
+    case MOS_F16: return 65504.0;
+    case MOS_BF16: return 3.3895313892515355e38;
+    case MOS_F64: break;
+    }
+    return DBL_MAX;
+}
+
+int mos_require_finite_in(double value, mos_dtype dtype, const char *name) {
+    if (fabs(value) <= largest_finite(dtype)) return 0;
+    char text[32];
+    snprintf(text, sizeof text, "%g", value);
+    PyErr_Format(PyExc_ValueError, "%s = %s is not finite in %s, the pools' dtype", name, text,
+                 mos_dtype_name(dtype));
+    return -1;
+}
+
+int mos_parse_name(PyObject *obj, const char *name, const char **out) {
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a str, got %.100s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Py_ssize_t size;
+    *out = PyUnicode_AsUTF8AndSize(obj, &size);
+    if (!*out) return -1;
+    if ((size_t)size != strlen(*out)) {
+        PyErr_Format(PyExc_ValueError, "%s must not contain NUL characters", name);
+        return -1;
     }
     return 0;
 }

@@ -6,6 +6,7 @@
 #define PY_ARRAY_UNIQUE_SYMBOL MOS_ARRAY_API
 #include "args.h"
 
+#include <limits.h>
 #include <math.h>
 #include <numpy/arrayobject.h>
 
@@ -48,23 +49,13 @@ static int parse_args(const char *function, PyObject *const *args, Py_ssize_t na
     return 0;
 }
 
-static int parse_scale(PyObject *obj, double *scale) {
-    *scale = PyFloat_AsDouble(obj);
-    if (*scale == -1.0 && PyErr_Occurred()) return -1;
-    if (!isfinite(*scale)) {
-        PyErr_Format(PyExc_ValueError, "scale must be finite, got %R", obj);
-        return -1;
-    }
-    return 0;
-}
-
 /* The stream a CUDA call launches on: None -> legacy default (1), else the positive integer given
  * (a cudaStream_t; 1 and 2 are the legacy and per-thread default streams, as in DLPack). DLPack's
  * -1 ("no synchronization") names no stream to launch on, so it is refused like every negative. */
 static int parse_stream(PyObject *obj, void **stream) {
     if (obj == NULL || obj == Py_None) { *stream = (void *)(uintptr_t)1; return 0; }
-    long long value = PyLong_AsLongLong(obj);
-    if (value == -1 && PyErr_Occurred()) return -1;
+    long long value;
+    if (mos_parse_int(obj, "stream", LLONG_MIN, LLONG_MAX, &value) < 0) return -1;
     if (value == 0) {
         PyErr_SetString(PyExc_ValueError, "stream=0 is invalid in DLPack; use 1 for the legacy default stream");
         return -1;
@@ -89,6 +80,23 @@ static void release_all(linear_views *views) {
     for (int i = 0; i < V_COUNT; ++i) mos_view_release(&views->v[i]);
 }
 
+/* A matrix needs at least one column: the shard arithmetic divides by d_in / shard length. */
+static int check_features(const mos_view *v, int64_t features, const char *what) {
+    if (features >= 1) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: has no columns (%s = 0); the adapter needs at least one",
+                 v->name, what);
+    return -1;
+}
+
+/* The output's (or dy's) columns must be pool_b's shard length times l. */
+static int check_d_out(const mos_view *out, const mos_view *pool_b, int64_t d_out, int64_t l) {
+    if (d_out % l == 0 && pool_b->shape[1] == d_out / l) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: d_out = %lld does not match pool_b's shard length %lld "
+                 "times shards_per_vector %lld (= x's d_in / pool_a's shard length)", out->name,
+                 (long long)d_out, (long long)pool_b->shape[1], (long long)l);
+    return -1;
+}
+
 /* Checks x, the pools and the index tables and derives the sizes into p.
  * d_out comes from the caller (the output or dy tensor). */
 static int check_adapter_inputs(linear_views *views, mos_linear_params *p, int64_t d_out) {
@@ -107,6 +115,9 @@ static int check_adapter_inputs(linear_views *views, mos_linear_params *p, int64
     for (int i = 0; i < 4; ++i)
         if (mos_require_same_device(all[i], x) < 0) return -1;
     const int64_t d_in = x->shape[1], sla = pa->shape[1], slb = pb->shape[1];
+    if (check_features(x, d_in, "d_in") < 0 || check_features(views->v[V_Y].owner ? &views->v[V_Y]
+                                                              : &views->v[V_DY], d_out, "d_out") < 0)
+        return -1;
     if (sla < 1 || d_in % sla != 0) {
         PyErr_Format(PyExc_ValueError,
                      "pool_a: shard length %lld must divide x's d_in = %lld", (long long)sla,
@@ -114,13 +125,8 @@ static int check_adapter_inputs(linear_views *views, mos_linear_params *p, int64
         return -1;
     }
     const int64_t l = d_in / sla;
-    if (mos_require_dim(pb, 1, d_out / l, "pool_b shard length = d_out / shards_per_vector") < 0 ||
-        d_out % l != 0) {
-        if (!PyErr_Occurred())
-            PyErr_Format(PyExc_ValueError, "pool_b: d_out = %lld is not a multiple of "
-                         "shards_per_vector = %lld", (long long)d_out, (long long)l);
+    if (check_d_out(views->v[V_Y].owner ? &views->v[V_Y] : &views->v[V_DY], pb, d_out, l) < 0)
         return -1;
-    }
     const int64_t rl = ia->shape[0];
     if (rl < 1 || rl % l != 0) {
         PyErr_Format(PyExc_ValueError, "index_a: length %lld must be a positive multiple of "
@@ -129,8 +135,7 @@ static int check_adapter_inputs(linear_views *views, mos_linear_params *p, int64
     }
     if (mos_require_dim(ib, 0, rl, "index_b must have index_a's length r * shards_per_vector") < 0)
         return -1;
-    if (mos_require_index_range(ia, pa->shape[0], 0) < 0 ||
-        mos_require_index_range(ib, pb->shape[0], 0) < 0)
+    if (mos_require_index_range(ia, pa, 0) < 0 || mos_require_index_range(ib, pb, 0) < 0)
         return -1;
     memset(p, 0, sizeof *p);
     p->dtype = x->dtype;
@@ -223,7 +228,7 @@ static PyObject *linear_forward(PyObject *module, PyObject *const *args, Py_ssiz
     double scale;
     void *stream;
     if (parse_args("linear_forward", args, nargs, kwnames, names, 10, 7, o) < 0) return NULL;
-    if (parse_scale(o[6], &scale) < 0 || parse_stream(o[9], &stream) < 0) return NULL;
+    if (mos_parse_double(o[6], "scale", &scale) < 0 || parse_stream(o[9], &stream) < 0) return NULL;
     mos_view *v = views.v;
     if (mos_view_import(o[1], "x", 2, &v[V_X], o[9]) < 0 ||
         mos_view_import(o[0], "y", 2, &v[V_Y], o[9]) < 0 ||
@@ -248,6 +253,7 @@ static PyObject *linear_forward(PyObject *module, PyObject *const *args, Py_ssiz
                            &v[V_Y], &v[V_H], &v[V_WORKSPACE]};
         if (mos_require_no_overlap(outs, 3, all, 8) < 0) goto fail;
     }
+    if (mos_require_finite_in(scale, p.dtype, "scale") < 0) goto fail;
     p.scale = scale;
     p.stream = stream;
     p.y = v[V_Y].data;
@@ -270,7 +276,7 @@ static PyObject *linear_forward_full(PyObject *module, PyObject *const *args, Py
     mos_linear_params p;
     double scale;
     if (parse_args("linear_forward_full", args, nargs, kwnames, names, 9, 9, o) < 0) return NULL;
-    if (parse_scale(o[8], &scale) < 0) return NULL;
+    if (mos_parse_double(o[8], "scale", &scale) < 0) return NULL;
     mos_view *v = views.v;
     if (mos_view_import(o[1], "x", 2, &v[V_X], NULL) < 0 ||
         mos_view_import(o[0], "y", 2, &v[V_Y], NULL) < 0 ||
@@ -306,6 +312,7 @@ static PyObject *linear_forward_full(PyObject *module, PyObject *const *args, Py
                            &v[V_Y], &v[V_WEIGHT], &v[V_BIAS]};
         if (mos_require_no_overlap(outs, 1, all, 8) < 0) goto fail;
     }
+    if (mos_require_finite_in(scale, p.dtype, "scale") < 0) goto fail;
     p.scale = scale;
     p.y = v[V_Y].data;
     p.y_stride = v[V_Y].strides[0];
@@ -332,7 +339,7 @@ static PyObject *linear_backward(PyObject *module, PyObject *const *args, Py_ssi
     double scale;
     void *stream;
     if (parse_args("linear_backward", args, nargs, kwnames, names, 13, 10, o) < 0) return NULL;
-    if (parse_scale(o[9], &scale) < 0 || parse_stream(o[12], &stream) < 0) return NULL;
+    if (mos_parse_double(o[9], "scale", &scale) < 0 || parse_stream(o[12], &stream) < 0) return NULL;
     mos_view *v = views.v;
     if (mos_import_optional(o[0], "dx", 2, &v[V_DX], o[12]) < 0 ||
         mos_import_optional(o[1], "dpool_a", 2, &v[V_DPOOL_A], o[12]) < 0 ||
@@ -365,7 +372,7 @@ static PyObject *linear_backward(PyObject *module, PyObject *const *args, Py_ssi
                 mos_require_dim(grads[s], 0, pools[s]->shape[0], "pool rows") < 0 ||
                 mos_require_dim(grads[s], 1, pools[s]->shape[1], "shard length") < 0 ||
                 mos_require_contiguous(grads[s]) < 0 || mos_require_writable(grads[s]) < 0 ||
-                mos_require_index_range(indices[s], pools[s]->shape[0], 1) < 0)
+                mos_require_index_range(indices[s], pools[s], 1) < 0)
                 goto fail;
         }
     }
@@ -377,6 +384,7 @@ static PyObject *linear_backward(PyObject *module, PyObject *const *args, Py_ssi
                            &v[V_WORKSPACE]};
         if (mos_require_no_overlap(outs, 4, all, 11) < 0) goto fail;
     }
+    if (mos_require_finite_in(scale, p.dtype, "scale") < 0) goto fail;
     p.scale = scale;
     p.stream = stream;
     p.dy = v[V_DY].data;
@@ -422,9 +430,9 @@ static PyObject *gather_op(PyObject *const *args, Py_ssize_t nargs, PyObject *kw
         mos_require_index(&index) < 0 || mos_require_same_device(&rows, &pool) < 0 ||
         mos_require_same_device(&index, &pool) < 0 ||
         mos_require_dim(&rows, 0, index.shape[0], "one row per index") < 0 ||
-        mos_require_dim(&rows, 1, pool.shape[1], "shard length") < 0 || mos_require_rows(&rows) < 0 ||
+        mos_require_dim(&rows, 1, pool.shape[1], "pool's shard length") < 0 || mos_require_rows(&rows) < 0 ||
         mos_require_writable(scatter ? &pool : &rows) < 0 ||
-        mos_require_index_range(&index, pool.shape[0], scatter) < 0)
+        mos_require_index_range(&index, &pool, scatter) < 0)
         goto fail;
     {
         mos_view *out = scatter ? &pool : &rows;
@@ -469,7 +477,7 @@ static void release_views(mos_view *v, int n) {
 }
 
 /* int32, contiguous, on x's device, of the given 1-D length (or 2-D shape when cols >= 0). */
-static int check_int_table(const mos_view *v, const mos_view *x, int64_t rows, int64_t cols,
+static int check_int_table(mos_view *v, const mos_view *x, int64_t rows, int64_t cols,
                            const char *meaning) {
     if (mos_require_index(v) < 0 || mos_require_same_device(v, x) < 0) return -1;
     if (mos_require_dim(v, 0, rows, meaning) < 0) return -1;
@@ -574,6 +582,7 @@ static PyObject *batched_forward(PyObject *module, PyObject *const *args, Py_ssi
     }
     if (mos_require_rows(x) < 0 || mos_require_blas_sizes(x) < 0) goto fail;
     const int64_t n_rows = x->shape[0], d_in = x->shape[1], d_out = y->shape[1];
+    if (check_features(x, d_in, "d_in") < 0 || check_features(y, d_out, "d_out") < 0) goto fail;
     if (check_matrix(y, x, n_rows, d_out, 1) < 0) goto fail;
     /* Pools: x's dtype and device, contiguous; the A-pool's shard length fixes l. */
     if (mos_require_dtype(pa, x->dtype, "x") < 0 || mos_require_dtype(pb, x->dtype, "x") < 0 ||
@@ -588,13 +597,7 @@ static PyObject *batched_forward(PyObject *module, PyObject *const *args, Py_ssi
         goto fail;
     }
     const int64_t l = d_in / sla;
-    if (d_out % l != 0) {
-        PyErr_Format(PyExc_ValueError, "y: d_out = %lld is not a multiple of shards_per_vector = "
-                     "%lld (= d_in / pool_a's shard length)", (long long)d_out, (long long)l);
-        goto fail;
-    }
-    if (mos_require_dim(pb, 1, d_out / l, "pool_b shard length = d_out / shards_per_vector") < 0)
-        goto fail;
+    if (check_d_out(y, pb, d_out, l) < 0) goto fail;
     /* Index tables (K, max_rank * l). */
     if (mos_require_index(ia) < 0 || mos_require_same_device(ia, x) < 0) goto fail;
     const int64_t n_adapters = ia->shape[0], width = ia->shape[1];
@@ -627,6 +630,9 @@ static PyObject *batched_forward(PyObject *module, PyObject *const *args, Py_ssi
                 PyErr_Format(PyExc_ValueError, "scales[%lld] = %s must be finite", (long long)a, text);
                 goto fail;
             }
+            char what[40];
+            snprintf(what, sizeof what, "scales[%lld]", (long long)a);
+            if (mos_require_finite_in(s, x->dtype, what) < 0) goto fail;
         }
     }
     if (check_int_table(ids, x, n_rows, -1, "one adapter id per row of x") < 0 ||
@@ -714,45 +720,73 @@ fail:
     return NULL;
 }
 
-static PyObject *batched_workspace_bytes(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"n_rows", "max_rank", "itemsize", "grouped", NULL};
-    long long n, r;
-    int itemsize, grouped = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLi|p:batched_workspace_bytes", kwlist, &n,
-                                     &r, &itemsize, &grouped))
-        return NULL;
-    if (n < 0 || r < 1) {
-        PyErr_Format(PyExc_ValueError, "batched_workspace_bytes: n_rows must be >= 0 and "
-                     "max_rank >= 1, got %lld and %lld", n, r);
-        return NULL;
+/* Workspace sizes are products of these: keep every one far from size_t overflow. */
+#define MOS_MAX_DIM INT32_MAX
+
+/* itemsize of a float dtype the core knows: 2, 4 or 8 bytes. */
+static int parse_itemsize(PyObject *obj, mos_dtype *dtype) {
+    long long itemsize;
+    if (mos_parse_int(obj, "itemsize", 2, 8, &itemsize) < 0) return -1;
+    if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
+        PyErr_Format(PyExc_ValueError, "itemsize must be 2, 4 or 8, got %lld", itemsize);
+        return -1;
     }
-    mos_batched_params p = {.dtype = itemsize == 8 ? MOS_F64 : MOS_F32, .n_rows = n,
+    *dtype = itemsize == 8 ? MOS_F64 : itemsize == 4 ? MOS_F32 : MOS_F16;
+    return 0;
+}
+
+static int parse_flag(PyObject *obj, int *flag) {
+    if (!obj) return 0;
+    *flag = PyObject_IsTrue(obj);
+    return *flag < 0 ? -1 : 0;
+}
+
+static PyObject *batched_workspace_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                         PyObject *kwnames) {
+    static const char *const names[] = {"n_rows", "max_rank", "itemsize", "grouped"};
+    PyObject *o[4];
+    long long n, r;
+    int grouped = 0;
+    mos_dtype dtype;
+    if (parse_args("batched_workspace_bytes", args, nargs, kwnames, names, 4, 3, o) < 0 ||
+        mos_parse_int(o[0], "n_rows", 0, MOS_MAX_DIM, &n) < 0 ||
+        mos_parse_int(o[1], "max_rank", 1, MOS_MAX_DIM / 64, &r) < 0 ||
+        parse_itemsize(o[2], &dtype) < 0 || parse_flag(o[3], &grouped) < 0)
+        return NULL;
+    mos_batched_params p = {.dtype = dtype == MOS_F64 ? MOS_F64 : MOS_F32, .n_rows = n,
                             .max_rank = r, .grouped = grouped};
     return PyLong_FromSize_t(mos_batched_workspace_bytes(&p));
 }
 
 /* ---------------------------------------------------------------- pools and routes */
 
-static int parse_shape(PyObject *args, PyObject *kwargs, const char *format, char **kwlist,
-                       mos_pool_shape *s, unsigned long long *seed, const char **name,
-                       long long *layer, int *side) {
-    long long d_in, d_out, n_layers, r, re, l, p;
+/* The seven sizes of a pool (d_in ... private_rank) and subset_selection from objs[0..7];
+ * the core checks their relations and names the field at fault. */
+static int parse_shape(PyObject *const *objs, mos_pool_shape *s) {
+    static const char *const fields[] = {"d_in", "d_out", "n_layers", "r", "equivalent_rank",
+                                         "shards_per_vector", "private_rank"};
+    long long v[7];
     int subset = 1;
     memset(s, 0, sizeof *s);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, kwlist, &d_in, &d_out, &n_layers, &r,
-                                     &re, &l, &p, &subset, seed, name, layer, side))
-        return -1;
-    *s = (mos_pool_shape){.d_in = d_in, .d_out = d_out, .n_layers = n_layers, .rank = r,
-                          .equivalent_rank = re, .shards_per_vector = l, .private_rank = p,
+    for (int i = 0; i < 7; ++i)
+        if (mos_parse_int(objs[i], fields[i], LLONG_MIN, LLONG_MAX, &v[i]) < 0) return -1;
+    if (parse_flag(objs[7], &subset) < 0) return -1;
+    *s = (mos_pool_shape){.d_in = v[0], .d_out = v[1], .n_layers = v[2], .rank = v[3],
+                          .equivalent_rank = v[4], .shards_per_vector = v[5], .private_rank = v[6],
                           .subset_selection = subset};
     return 0;
 }
 
-static PyObject *pool_shape(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"d_in", "d_out", "n_layers", "r", "equivalent_rank",
-                             "shards_per_vector", "private_rank", "subset_selection", NULL};
+static const char *const shape_names[] = {"d_in", "d_out", "n_layers", "r", "equivalent_rank",
+                                          "shards_per_vector", "private_rank", "subset_selection",
+                                          "seed", "pool_name", "layer", "side"};
+
+static PyObject *pool_shape(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames) {
+    PyObject *o[8];
     mos_pool_shape s;
-    if (parse_shape(args, kwargs, "LLLLLLL|p:pool_shape", kwlist, &s, NULL, NULL, NULL, NULL) < 0)
+    if (parse_args("pool_shape", args, nargs, kwnames, shape_names, 8, 7, o) < 0 ||
+        parse_shape(o, &s) < 0)
         return NULL;
     mos_status status = mos_pool_shape_validate(&s);
     if (status != MOS_OK) {
@@ -764,17 +798,18 @@ static PyObject *pool_shape(PyObject *module, PyObject *args, PyObject *kwargs) 
                          "shard_len_b", (long long)s.shard_len_b);
 }
 
-static PyObject *route_indices(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"d_in", "d_out", "n_layers", "r", "equivalent_rank",
-                             "shards_per_vector", "private_rank", "subset_selection", "seed",
-                             "pool_name", "layer", "side", NULL};
+static PyObject *route_indices(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames) {
+    PyObject *o[12];
     mos_pool_shape s;
-    unsigned long long seed = 0;
-    const char *name = NULL;
-    long long layer = 0;
-    int side = 0;
-    if (parse_shape(args, kwargs, "LLLLLLLpKsLi:route_indices", kwlist, &s, &seed, &name, &layer,
-                    &side) < 0)
+    unsigned long long seed;
+    const char *name;
+    long long layer, side;
+    if (parse_args("route_indices", args, nargs, kwnames, shape_names, 12, 12, o) < 0 ||
+        parse_shape(o, &s) < 0 || mos_parse_u64(o[8], "seed", &seed) < 0 ||
+        mos_parse_name(o[9], "pool_name", &name) < 0 ||
+        mos_parse_int(o[10], "layer", LLONG_MIN, LLONG_MAX, &layer) < 0 ||
+        mos_parse_int(o[11], "side", 0, 1, &side) < 0)
         return NULL;
     mos_pool_shape checked = s;
     if (mos_pool_shape_validate(&checked) != MOS_OK) {
@@ -793,25 +828,42 @@ static PyObject *route_indices(PyObject *module, PyObject *args, PyObject *kwarg
     return out;
 }
 
-static PyObject *route_key(PyObject *module, PyObject *args) {
+static PyObject *route_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames) {
+    static const char *const names[] = {"seed", "pool_name", "layer", "side"};
+    PyObject *o[4];
     unsigned long long seed;
     const char *name;
-    long long layer;
-    int side;
-    if (!PyArg_ParseTuple(args, "KsLi:route_key", &seed, &name, &layer, &side)) return NULL;
+    long long layer, side;
+    if (parse_args("route_key", args, nargs, kwnames, names, 4, 4, o) < 0 ||
+        mos_parse_u64(o[0], "seed", &seed) < 0 || mos_parse_name(o[1], "pool_name", &name) < 0 ||
+        mos_parse_int(o[2], "layer", LLONG_MIN, LLONG_MAX, &layer) < 0 ||
+        mos_parse_int(o[3], "side", INT_MIN, INT_MAX, &side) < 0)
+        return NULL;
     return PyLong_FromUnsignedLongLong(mos_route_key(seed, name, layer, (mos_side)side));
 }
 
-static PyObject *linear_workspace_bytes(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"n_rows", "d_in", "d_out", "r", "itemsize", "backward", "with_h",
-                             "cuda", NULL};
+static PyObject *linear_workspace_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames) {
+    static const char *const names[] = {"n_rows", "d_in", "d_out", "r", "itemsize", "backward",
+                                        "with_h", "cuda"};
+    PyObject *o[8];
     long long n, d_in, d_out, r;
-    int itemsize, backward = 0, with_h = 0, cuda = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLLi|ppp:linear_workspace_bytes", kwlist, &n,
-                                     &d_in, &d_out, &r, &itemsize, &backward, &with_h, &cuda))
+    int backward = 0, with_h = 0, cuda = 0;
+    mos_dtype dtype;
+    if (parse_args("linear_workspace_bytes", args, nargs, kwnames, names, 8, 5, o) < 0 ||
+        mos_parse_int(o[0], "n_rows", 0, MOS_MAX_DIM, &n) < 0 ||
+        mos_parse_int(o[1], "d_in", 1, MOS_MAX_DIM, &d_in) < 0 ||
+        mos_parse_int(o[2], "d_out", 1, MOS_MAX_DIM, &d_out) < 0 ||
+        mos_parse_int(o[3], "r", 1, MOS_MAX_DIM, &r) < 0 || parse_itemsize(o[4], &dtype) < 0 ||
+        parse_flag(o[5], &backward) < 0 || parse_flag(o[6], &with_h) < 0 || parse_flag(o[7], &cuda) < 0)
         return NULL;
-    mos_linear_params p = {.dtype = itemsize == 8 ? MOS_F64 : itemsize == 4 ? MOS_F32 : MOS_F16,
-                           .device = cuda ? MOS_DEVICE_CUDA : MOS_DEVICE_CPU,
+    if ((double)r * (double)(d_in + d_out + 2 * n) * 16.0 > 0x1p62) {
+        PyErr_Format(PyExc_ValueError, "r = %lld with d_in = %lld, d_out = %lld and n_rows = %lld "
+                     "needs a workspace beyond 2**62 bytes", r, d_in, d_out, n);
+        return NULL;
+    }
+    mos_linear_params p = {.dtype = dtype, .device = cuda ? MOS_DEVICE_CUDA : MOS_DEVICE_CPU,
                            .n_rows = n, .d_in = d_in, .d_out = d_out, .rank = r,
                            .h = with_h ? (void *)&p : NULL};
     return PyLong_FromSize_t(mos_linear_workspace_bytes(&p, backward ? MOS_OP_BACKWARD : MOS_OP_FORWARD));
@@ -830,12 +882,8 @@ static PyObject *build_info(PyObject *module, PyObject *unused) {
 }
 
 static PyObject *set_num_threads(PyObject *module, PyObject *arg) {
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be >= 1, got %ld", n);
-        return NULL;
-    }
+    long long n;
+    if (mos_parse_int(arg, "n", 1, INT_MAX, &n) < 0) return NULL;
     int previous = mos_cpu_get_num_threads();
     mos_cpu_set_num_threads((int)n);
     return PyLong_FromLong(previous);
@@ -860,22 +908,21 @@ static PyMethodDef methods[] = {
      "grouped=False, segments=None, workspace=None, stream=None)\n--\n\n"
      "y[n] += scales[a] * (x[n] A_a^T) B_a^T with a = adapter_ids[n] (-1: row untouched); "
      "index_a/index_b are (K, max_rank * l) rows of the concatenated pools."},
-    {"batched_workspace_bytes", (PyCFunction)(void (*)(void))batched_workspace_bytes,
-     METH_VARARGS | METH_KEYWORDS,
+    {"batched_workspace_bytes", (PyCFunction)(void (*)(void))batched_workspace_bytes, FASTCALL,
      "batched_workspace_bytes(n_rows, max_rank, itemsize, grouped=False)\n--\n\n"
      "Device workspace bytes a CUDA batched_forward call needs."},
     {"assemble", (PyCFunction)(void (*)(void))assemble, FASTCALL,
      "assemble(rows, pool, index, stream=None)\n--\n\nrows[i] = pool[index[i]]."},
     {"scatter_add", (PyCFunction)(void (*)(void))scatter_add, FASTCALL,
      "scatter_add(pool, rows, index, stream=None)\n--\n\npool[index[i]] += rows[i] (distinct indices)."},
-    {"pool_shape", (PyCFunction)(void (*)(void))pool_shape, METH_VARARGS | METH_KEYWORDS,
-     "Validates a pool's sizes; returns n_shards, n_public and shard lengths."},
-    {"route_indices", (PyCFunction)(void (*)(void))route_indices, METH_VARARGS | METH_KEYWORDS,
-     "The int32 index table of one (pool, layer, side)."},
-    {"route_key", route_key, METH_VARARGS, "route_key(seed, pool_name, layer, side) -> PRNG key."},
-    {"linear_workspace_bytes", (PyCFunction)(void (*)(void))linear_workspace_bytes,
-     METH_VARARGS | METH_KEYWORDS,
-     "linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False, "
+    {"pool_shape", (PyCFunction)(void (*)(void))pool_shape, FASTCALL,
+     "pool_shape(d_in, d_out, n_layers, r, equivalent_rank, shards_per_vector, private_rank, "
+     "subset_selection=True)\n--\n\nValidates a pool's sizes; returns n_shards, n_public and shard lengths."},
+    {"route_indices", (PyCFunction)(void (*)(void))route_indices, FASTCALL,
+     "route_indices(d_in, d_out, n_layers, r, equivalent_rank, shards_per_vector, private_rank, "
+     "subset_selection, seed, pool_name, layer, side)\n--\n\nThe int32 index table of one (pool, layer, side)."},
+    {"route_key", (PyCFunction)(void (*)(void))route_key, FASTCALL, "route_key(seed, pool_name, layer, side)\n--\n\nThe PRNG key of one draw."},
+    {"linear_workspace_bytes", (PyCFunction)(void (*)(void))linear_workspace_bytes, FASTCALL, "linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False, "
      "cuda=False)\n--\n\nWorkspace bytes a linear call needs (cuda=True: with cuBLAS's slice)."},
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
     {"set_num_threads", set_num_threads, METH_O, "Sets OpenBLAS's thread count; returns the old one."},

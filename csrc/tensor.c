@@ -10,6 +10,8 @@
 #include "tensor.h"
 
 #include <numpy/arrayobject.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "dlpack_abi.h"
 
@@ -95,9 +97,70 @@ cleanup:
     return capsule;
 }
 
+/* __dlpack_device__() must give a (device_type, device_id) pair of ints (TypeError otherwise). */
+static int query_device(PyObject *obj, const mos_view *v, int *device_type, int *device_id) {
+    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (!device) return -1;
+    int values[2], status = 0;
+    if (!PyTuple_Check(device) || PyTuple_GET_SIZE(device) != 2) {
+        PyErr_Format(PyExc_TypeError, "%s: __dlpack_device__() must return a (device_type, "
+                     "device_id) tuple, got %.100s", v->name, Py_TYPE(device)->tp_name);
+        status = -1;
+    }
+    for (int i = 0; i < 2 && status == 0; ++i) {
+        PyObject *item = PyTuple_GET_ITEM(device, i);
+        int overflow = 0;
+        long value = PyLong_Check(item) ? PyLong_AsLongAndOverflow(item, &overflow) : 0;
+        if (!PyLong_Check(item) || PyErr_Occurred()) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_TypeError, "%s: __dlpack_device__() must return two ints, got "
+                             "%.100s", v->name, Py_TYPE(item)->tp_name);
+            status = -1;
+        } else if (overflow || value < 0 || value > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s: __dlpack_device__() returned an out-of-range "
+                         "value %R", v->name, item);
+            status = -1;
+        }
+        values[i] = (int)value;
+    }
+    Py_DECREF(device);
+    *device_type = values[0];
+    *device_id = values[1];
+    return status;
+}
+
+/* The capsule's tensor must describe memory we can address: a shape, data unless empty, and the
+ * device __dlpack_device__() announced (`announced`, or NULL for a capsule handed over directly;
+ * the capsule is what we read, so its device decides and a disagreement is refused). */
+static int check_dl_tensor(const mos_dl_tensor *t, mos_view *v, const int *announced) {
+    if (t->ndim != v->ndim) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a %d-D tensor, got %d-D", v->name, v->ndim,
+                     (int)t->ndim);
+        return -1;
+    }
+    if (t->device.device_type != MOS_DL_CPU && t->device.device_type != MOS_DL_CUDA)
+        return fail(PyExc_BufferError, v, "only CPU and CUDA tensors are supported");
+    if (announced && (t->device.device_type != announced[0] || t->device.device_id != announced[1])) {
+        PyErr_Format(PyExc_BufferError, "%s: the DLPack capsule is on device (%d, %d) but "
+                     "__dlpack_device__() said (%d, %d)", v->name, (int)t->device.device_type,
+                     (int)t->device.device_id, announced[0], announced[1]);
+        return -1;
+    }
+    if (!t->shape) return fail(PyExc_BufferError, v, "the DLPack capsule has no shape");
+    int empty = 0;
+    for (int d = 0; d < v->ndim; ++d) {
+        if (t->shape[d] < 0) return fail(PyExc_BufferError, v, "the DLPack capsule has a negative dimension");
+        empty |= t->shape[d] == 0;
+    }
+    if (!t->data && !empty)
+        return fail(PyExc_BufferError, v, "the DLPack capsule has no data for a non-empty shape");
+    return 0;
+}
+
 /* Consumes a DLPack capsule into v (v takes the reference): renames it "used_*" so its
- * destructor leaves the deleter to mos_view_release, then reads shape, strides and device. */
-static int import_capsule(PyObject *capsule, mos_view *v) {
+ * destructor leaves the deleter to mos_view_release, then checks (check_dl_tensor) and reads
+ * shape, strides and device. */
+static int import_capsule(PyObject *capsule, mos_view *v, const int *announced) {
     mos_dl_tensor *t;
     if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
         mos_dl_managed_versioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
@@ -122,14 +185,8 @@ static int import_capsule(PyObject *capsule, mos_view *v) {
         return fail(PyExc_TypeError, v, "expected an unconsumed DLPack capsule");
     }
     v->owner = capsule;  /* released (and the deleter run) by mos_view_release */
-    int device_type = t->device.device_type;
-    if (device_type != MOS_DL_CPU && device_type != MOS_DL_CUDA)
-        return fail(PyExc_BufferError, v, "only CPU and CUDA tensors are supported");
-    if (t->ndim != v->ndim) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a %d-D tensor, got %d-D", v->name, v->ndim,
-                     (int)t->ndim);
-        return -1;
-    }
+    if (check_dl_tensor(t, v, announced) < 0) return -1;
+    const int device_type = t->device.device_type;
     if (t->dtype.lanes != 1) return fail(PyExc_TypeError, v, "vector dtypes are not supported");
     if (set_float_dtype(v, t->dtype.code, t->dtype.bits) < 0) return -1;
     v->data = t->data ? (char *)t->data + t->byte_offset : NULL;
@@ -145,22 +202,18 @@ static int import_capsule(PyObject *capsule, mos_view *v) {
 }
 
 static int import_dlpack(PyObject *obj, mos_view *v, PyObject *stream) {
-    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
-    if (!device) return -1;
-    int device_type = 0, device_id = 0;
-    int ok = PyArg_ParseTuple(device, "ii", &device_type, &device_id);
-    Py_DECREF(device);
-    if (!ok) return -1;
-    if (device_type != MOS_DL_CPU && device_type != MOS_DL_CUDA)
+    int announced[2];
+    if (query_device(obj, v, &announced[0], &announced[1]) < 0) return -1;
+    if (announced[0] != MOS_DL_CPU && announced[0] != MOS_DL_CUDA)
         return fail(PyExc_BufferError, v, "only CPU and CUDA tensors are supported");
 
-    PyObject *capsule = request_capsule(obj, device_type == MOS_DL_CUDA ? stream : NULL);
+    PyObject *capsule = request_capsule(obj, announced[0] == MOS_DL_CUDA ? stream : NULL);
     if (!capsule) return -1;
     if (!PyCapsule_CheckExact(capsule)) {
         Py_DECREF(capsule);
         return fail(PyExc_TypeError, v, "__dlpack__ did not return a DLPack capsule");
     }
-    return import_capsule(capsule, v);
+    return import_capsule(capsule, v, announced);
 }
 
 int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *v, PyObject *stream) {
@@ -177,7 +230,7 @@ int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *v, PyOb
     }
     if (PyCapsule_CheckExact(obj)) {  /* a producer's capsule handed over directly (no stream sync) */
         Py_INCREF(obj);
-        return import_capsule(obj, v);
+        return import_capsule(obj, v, NULL);
     }
     if (!PyObject_HasAttrString(obj, "__dlpack__")) {
         PyErr_Format(PyExc_TypeError,
@@ -196,7 +249,35 @@ const char *mos_view_kind_name(const mos_view *v) {
     }
 }
 
+int mos_view_pin(mos_view *v) {
+    if (v->device != MOS_DEVICE_CPU || v->pinned || !v->data) return 0;
+    size_t bytes = v->itemsize;
+    for (int d = 0; d < v->ndim; ++d) bytes *= (size_t)v->shape[d];
+    if (bytes == 0) return 0;
+    void *copy = malloc(bytes);
+    if (!copy) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(copy, v->data, bytes);
+    v->source = v->data;
+    v->data = v->pinned = copy;
+    return 0;
+}
+
+/* A deleter or destructor that raised has nowhere to report to: report it as unraisable. */
+static void report_unraisable(PyObject *context) {
+    if (PyErr_Occurred()) PyErr_WriteUnraisable(context);
+}
+
 void mos_view_release(mos_view *v) {
+    if (!v->managed && !v->owner && !v->pinned) return;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+#endif
     if (v->managed) {
         if (v->versioned) {
             mos_dl_managed_versioned *m = v->managed;
@@ -206,17 +287,27 @@ void mos_view_release(mos_view *v) {
             if (m->deleter) m->deleter(m);
         }
         v->managed = NULL;
+        report_unraisable(v->owner);
     }
+    free(v->pinned);
+    v->pinned = NULL;
     Py_CLEAR(v->owner);
+    report_unraisable(NULL);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(pending);
+#else
+    PyErr_Restore(type, value, traceback);
+#endif
 }
 
 void mos_view_span(const mos_view *v, uintptr_t *lo, uintptr_t *hi) {
+    const uintptr_t base = (uintptr_t)(v->source ? v->source : v->data);
     intptr_t low = 0, high = 0;
     for (int d = 0; d < v->ndim; ++d) {
-        if (v->shape[d] == 0) { *lo = *hi = (uintptr_t)v->data; return; }
+        if (v->shape[d] == 0) { *lo = *hi = base; return; }
         intptr_t extent = (intptr_t)(v->shape[d] - 1) * (intptr_t)v->strides[d] * (intptr_t)v->itemsize;
         if (extent < 0) low += extent; else high += extent;
     }
-    *lo = (uintptr_t)v->data + (uintptr_t)low;
-    *hi = (uintptr_t)v->data + (uintptr_t)high + v->itemsize;
+    *lo = base + (uintptr_t)low;
+    *hi = base + (uintptr_t)high + v->itemsize;
 }

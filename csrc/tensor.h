@@ -18,6 +18,8 @@ typedef struct {
     void *managed;            /* DLPack managed tensor to delete on release, or NULL */
     int versioned;            /* managed is a mos_dl_managed_versioned */
     void *data;
+    void *pinned;             /* private copy of a CPU index table (data points at it), or NULL */
+    const void *source;       /* the caller's memory when data was pinned (for overlap checks) */
     int ndim;
     int64_t shape[2];
     int64_t strides[2];       /* elements */
@@ -38,10 +40,16 @@ int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *view, P
 /* What a view holds, for messages: "int32", "uint8" or the float dtype's name. */
 const char *mos_view_kind_name(const mos_view *view);
 
-/* Drops the references and runs the DLPack deleter exactly once. Safe on a zeroed view. */
+/* Copies the view's elements into a private buffer and points data at it, so that no other
+ * thread can change what is validated and then used (index tables are read without the GIL).
+ * The view must be contiguous. 0, or -1 with MemoryError. */
+int mos_view_pin(mos_view *view);
+
+/* Drops the references, frees a pinned copy and runs the DLPack deleter exactly once, keeping
+ * any pending exception (a deleter may run Python code). Safe on a zeroed view. */
 void mos_view_release(mos_view *view);
 
-/* Byte span [lo, hi) the view can touch (lo == hi for empty views). */
+/* Byte span [lo, hi) of the caller's memory the view covers (lo == hi for empty views). */
 void mos_view_span(const mos_view *view, uintptr_t *lo, uintptr_t *hi);
 
 #endif

@@ -80,8 +80,10 @@ class MoSConfig:
         if self.private_rank > self.r:
             raise ValueError(f"private_rank={self.private_rank} must be <= r={self.r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not math.isfinite(self.lora_alpha):
+                or not _finite(self.lora_alpha):
             raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if self.seed >= 2**64:
+            raise ValueError(f"seed must be below 2**64, got {self.seed}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         for name in ("use_rslora", "pair_dissociation", "subset_selection"):
@@ -96,6 +98,9 @@ class MoSConfig:
         self.layers_to_transform = _layer_indices(self.layers_to_transform)
         if self.pool_dtype not in ("float32", "float64", "float16", "bfloat16"):
             raise ValueError(f"pool_dtype must be float32, float64, float16 or bfloat16, got {self.pool_dtype!r}")
+        if abs(self.scaling) > _LARGEST_FINITE[self.pool_dtype]:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} gives scale {self.scaling:g}, which is not "
+                             f"finite in pool_dtype {self.pool_dtype}")
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple, set)):
             raise ValueError(f"target_modules must be a list of names, a regex string or 'all-linear', "
                              f"got {type(self.target_modules).__name__}")
@@ -194,6 +199,18 @@ def _layer_indices(value):
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
         raise ValueError(f"layers_to_transform must be a layer index or a list of them, got {value!r}")
     return value if isinstance(value, int) else list(items)
+
+
+# Largest finite value of each pool dtype: a larger scale turns every adapter output into inf/NaN.
+_LARGEST_FINITE = {"float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308,
+                   "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _require_int(config, name, minimum):

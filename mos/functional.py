@@ -5,6 +5,8 @@ unless given; N-D inputs are flattened to rows. Every call validates before it w
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _C
@@ -21,14 +23,41 @@ def _zeros_like_lib(ref, shape, dtype=None):
     return np.zeros(shape, dtype=dtype or np.float32)
 
 
+def _tensor(obj, name, ndim=None, optional=False):
+    """obj when it is a NumPy array or DLPack tensor with `ndim` dimensions (at least 1 when None);
+    a TypeError or ValueError naming `name` otherwise. None passes when optional."""
+    if obj is None and optional:
+        return None
+    if not (isinstance(obj, np.ndarray) or hasattr(obj, "__dlpack__")) or not hasattr(obj, "shape"):
+        raise TypeError(f"{name}: expected a NumPy array or a DLPack tensor, got {type(obj).__name__}")
+    dims = len(obj.shape)
+    if (ndim is None and dims < 1) or (ndim is not None and dims != ndim):
+        wanted = f"{ndim}-D" if ndim is not None else "at least 1-D"
+        raise ValueError(f"{name}: expected a {wanted} array, got {dims}-D")
+    return obj
+
+
+def _columns(a, name, what):
+    """The last dimension of `a`, which must be at least 1 (sizes are divided by it)."""
+    n = int(a.shape[-1])
+    if n < 1:
+        raise ValueError(f"{name}: has no columns ({what} = 0); the adapter needs at least one")
+    return n
+
+
+def _stream(stream):
+    if stream is not None and (isinstance(stream, bool) or not isinstance(stream, (int, np.integer))):
+        raise TypeError(f"stream: expected an int or None, got {type(stream).__name__}")
+    return stream
+
+
 def _rows(x, name):
     """(N, d) view of x with contiguous columns: flattens leading dimensions, copies if it must."""
-    if not hasattr(x, "shape") or len(x.shape) < 1:
-        raise TypeError(f"{name}: expected an array with at least one dimension, got {type(x).__name__}")
+    _tensor(x, name)
     if len(x.shape) == 2:
         flat = x
     else:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(math.prod(int(d) for d in x.shape[:-1]), int(x.shape[-1]))
     strides_ok = _column_stride(flat) in (1, None)
     if not strides_ok:
         flat = np.ascontiguousarray(flat) if isinstance(flat, np.ndarray) else flat.contiguous()
@@ -51,18 +80,27 @@ def assemble(pool, index, r: int, *, stream=None):
     Gives A for an A-pool and B^T for a B-pool (DESIGN section 1, vector sharding). CUDA calls
     run on `stream` (default: torch's current stream for torch tensors), where the output was
     allocated."""
-    n_index = int(index.shape[0])
-    if not isinstance(r, (int, np.integer)) or r < 1 or n_index % r:
+    _tensor(pool, "pool", 2)
+    n_index = int(_tensor(index, "index", 1).shape[0])
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+        raise TypeError(f"r: expected an int, got {type(r).__name__}")
+    if r < 1 or n_index % r:
         raise ValueError(f"r must be a positive divisor of len(index)={n_index}, got {r!r}")
     rows = _zeros_like_lib(pool, (n_index, int(pool.shape[1])))
-    _C.assemble(rows, pool, index, _launch_stream(pool, stream))
+    _C.assemble(rows, pool, index, _launch_stream(pool, _stream(stream)))
     return rows.reshape(r, n_index // r * int(pool.shape[1]))
 
 
 def scatter_add(pool_grad, rows, index, *, stream=None):
     """pool_grad[index[i]] += rows[i] (indices distinct); the transpose of assemble. CUDA calls
     run on `stream` (default: torch's current stream for torch tensors)."""
-    _C.scatter_add(pool_grad, _rows(rows, "rows"), index, _launch_stream(pool_grad, stream))
+    _tensor(pool_grad, "pool_grad", 2)
+    _tensor(index, "index", 1)
+    rows2 = _rows(rows, "rows")
+    if int(rows2.shape[1]) != int(pool_grad.shape[1]):
+        raise ValueError(f"rows: has {int(rows2.shape[1])} columns, pool_grad's shard length is "
+                         f"{int(pool_grad.shape[1])}")
+    _C.scatter_add(pool_grad, rows2, index, _launch_stream(pool_grad, _stream(stream)))
     return pool_grad
 
 
@@ -72,21 +110,24 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
 
     With `weight` (d_out, d_in) and optional `bias`, computes the whole layer
     x W^T + bias + scale * (x A^T) B^T (CPU). `h` (N, r) receives x A^T when given."""
+    d_in, shard_len_a = _adapter_inputs(x, pool_a, index_a, pool_b, index_b)
+    _tensor(h, "h", 2, optional=True)
+    _tensor(bias, "bias", 1, optional=True)
+    _tensor(workspace, "workspace", 1, optional=True)
     x2 = _rows(x, "x")
     lead = tuple(x.shape[:-1])
     if weight is not None:
-        d_out = int(weight.shape[0])
+        d_out = int(_tensor(weight, "weight", 2).shape[0])
     elif out is not None:
-        d_out = int(out.shape[-1])
+        d_out = _columns(_tensor(out, "out"), "out", "d_out")
     else:
-        d_in = int(x.shape[-1])
-        d_out = int(pool_b.shape[1]) * (d_in // max(int(pool_a.shape[1]), 1))
+        d_out = int(pool_b.shape[1]) * (d_in // shard_len_a)
     y, y2 = _output_rows(x, lead, d_out, out)
     if weight is not None:
         _C.linear_forward_full(y2, x2, weight, bias, pool_a, index_a, pool_b, index_b, scale)
     else:
-        r = int(index_a.shape[0]) * int(pool_a.shape[1]) // int(x2.shape[1])
-        workspace, stream = _cuda_context(x2, workspace, stream, int(x2.shape[0]), int(x2.shape[1]),
+        r = int(index_a.shape[0]) * shard_len_a // d_in
+        workspace, stream = _cuda_context(x2, workspace, _stream(stream), int(x2.shape[0]), d_in,
                                           d_out, max(r, 1), False, h is not None)
         _C.linear_forward(y2, x2, pool_a, index_a, pool_b, index_b, scale, h, workspace, stream)
     return y
@@ -98,20 +139,25 @@ def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a
 
     Given arrays are accumulated into (so several layers can share one pool gradient); missing
     ones are allocated as zeros (dx only when need_dx)."""
+    d_in, shard_len_a = _adapter_inputs(x, pool_a, index_a, pool_b, index_b)
+    _columns(_tensor(dy, "dy"), "dy", "d_out")
+    for name, value, ndim in (("dx", dx, None), ("dpool_a", dpool_a, 2), ("dpool_b", dpool_b, 2),
+                              ("h", h, 2), ("workspace", workspace, 1)):
+        _tensor(value, name, ndim, optional=True)
+    if not isinstance(need_dx, (bool, np.bool_)):
+        raise TypeError(f"need_dx: expected a bool, got {type(need_dx).__name__}")
     x2, dy2 = _rows(x, "x"), _rows(dy, "dy")
     if need_dx and dx is None:
         dx = _zeros_like_lib(x, tuple(x.shape))
     dx2 = None
     if dx is not None:
-        dx2 = dx.reshape(-1, dx.shape[-1]) if len(dx.shape) != 2 else dx
-        if not _shares_memory(dx2, dx):
-            raise ValueError("dx: cannot be viewed as (rows, d_in) without a copy")
+        dx2 = _flat_view(dx, "dx", "d_in")
     if dpool_a is None:
         dpool_a = _zeros_like_lib(pool_a, tuple(pool_a.shape))
     if dpool_b is None:
         dpool_b = _zeros_like_lib(pool_b, tuple(pool_b.shape))
-    r = int(index_a.shape[0]) * int(pool_a.shape[1]) // max(int(x2.shape[1]), 1)
-    workspace, stream = _cuda_context(x2, workspace, stream, int(x2.shape[0]), int(x2.shape[1]),
+    r = int(index_a.shape[0]) * shard_len_a // d_in
+    workspace, stream = _cuda_context(x2, workspace, _stream(stream), int(x2.shape[0]), d_in,
                                       int(dy2.shape[1]), max(r, 1), True, h is not None)
     _C.linear_backward(dx2, dpool_a, dpool_b, dy2, x2, pool_a, index_a, pool_b, index_b, scale,
                        h, workspace, stream)
@@ -137,16 +183,21 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
     (rows of one adapter share one assembly; `segments` gives the groups as row offsets, else they
     are found from the ids) or "auto" (grouped when `segments` is given or, on CPU, when some
     adapter has several rows)."""
-    if strategy not in ("auto", "per_row", "grouped"):
+    if not isinstance(strategy, str) or strategy not in ("auto", "per_row", "grouped"):
         raise ValueError(f"strategy must be 'auto', 'per_row' or 'grouped', got {strategy!r}")
+    if segments is not None and strategy == "per_row":
+        raise ValueError("segments: only the grouped strategy uses segments; pass strategy='grouped' "
+                         "or 'auto'")
+    d_in, shard_len_a = _pool_sizes(x, pool_a, pool_b, index_a, index_b, 2)
+    _tensor(workspace, "workspace", 1, optional=True)
+    _stream(stream)
     x2 = _rows(x, "x")
     lead = tuple(x.shape[:-1])
-    n_rows, d_in = int(x2.shape[0]), int(x2.shape[1])
+    n_rows = int(x2.shape[0])
     if out is not None:
-        d_out = int(out.shape[-1])
+        d_out = _columns(_tensor(out, "out"), "out", "d_out")
     else:
-        d_out = int(pool_b.shape[1]) * (d_in // max(int(pool_a.shape[1]), 1))
-    y, y2 = _output_rows(x, lead, d_out, out)
+        d_out = int(pool_b.shape[1]) * (d_in // shard_len_a)
     adapter_ids = _int32_like(adapter_ids, x, "adapter_ids")
     if len(adapter_ids.shape) != 1:
         adapter_ids = adapter_ids.reshape(-1)
@@ -156,12 +207,14 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
         segments = _int32_like(segments, x, "segments")
     if isinstance(scales, (list, tuple)):
         scales = _float_like(scales, x)
+    else:
+        _tensor(scales, "scales", 1)
+    y, y2 = _output_rows(x, lead, d_out, out)
     grouped = strategy == "grouped" or (strategy == "auto" and _auto_grouped(x2, adapter_ids, segments))
     if workspace is None and _is_cuda(x2) and _is_torch(x2):
         import torch
 
-        width = int(index_a.shape[1]) if len(index_a.shape) == 2 else 1
-        max_rank = max(width * int(pool_a.shape[1]) // max(d_in, 1), 1)
+        max_rank = max(int(index_a.shape[1]) * shard_len_a // d_in, 1)
         nbytes = batched_workspace_bytes(n_rows, max_rank, x2.element_size(), grouped)
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x2.device)
     stream = _launch_stream(x2, stream)
@@ -177,7 +230,11 @@ def batched_workspace_bytes(n_rows, max_rank, itemsize, grouped=False) -> int:
 
 def segments_of(adapter_ids):
     """Row offsets of the runs of equal consecutive ids: [0, s_1, ..., N] (int32 NumPy)."""
+    if hasattr(adapter_ids, "cpu") and not isinstance(adapter_ids, np.ndarray):
+        adapter_ids = adapter_ids.cpu()
     ids = np.asarray(adapter_ids).reshape(-1)
+    if ids.size and (ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer)):
+        raise TypeError(f"adapter_ids: expected integers, got {ids.dtype}")
     if ids.size == 0:
         return np.zeros(1, dtype=np.int32)
     starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
@@ -200,30 +257,74 @@ def _is_cuda(a):
 
 
 def _int32_like(values, ref, name):
-    """values as an int32 array of ref's library and device (lists and NumPy arrays converted)."""
-    if isinstance(ref, np.ndarray) or not hasattr(ref, "new_tensor"):
-        arr = np.asarray(values)
-        if arr.dtype != np.int32:
-            if arr.size and not np.issubdtype(arr.dtype, np.integer):
-                raise TypeError(f"{name}: expected integers, got {arr.dtype}")
-            arr = arr.astype(np.int32)
-        return np.ascontiguousarray(arr)
-    import torch
-
-    if isinstance(values, torch.Tensor):
+    """values as an int32 array of ref's library and device (lists and NumPy arrays converted).
+    Every value is range-checked before the narrowing cast, which would otherwise wrap."""
+    torch = None
+    if not isinstance(ref, np.ndarray) and hasattr(ref, "new_tensor"):
+        import torch
+    if torch is not None and isinstance(values, torch.Tensor):
+        if values.dtype == torch.bool or values.dtype.is_complex:
+            raise TypeError(f"{name}: expected integers, got {values.dtype}")
         if values.dtype != torch.int32 and not values.dtype.is_floating_point:
+            _require_int32_range(values.min().item() if values.numel() else 0,
+                                 values.max().item() if values.numel() else 0, name)
             values = values.to(torch.int32)
         return values.to(ref.device).contiguous()
-    return torch.as_tensor(np.asarray(values, dtype=np.int32), device=ref.device)
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as error:
+        raise TypeError(f"{name}: expected a sequence of integers ({error})") from None
+    if arr.dtype != np.int32:
+        if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
+            raise TypeError(f"{name}: expected integers, got {arr.dtype}")
+        if arr.size:
+            _require_int32_range(int(arr.min()), int(arr.max()), name)
+        arr = arr.astype(np.int32)
+    arr = np.ascontiguousarray(arr)
+    return arr if torch is None else torch.as_tensor(arr, device=ref.device)
+
+
+def _require_int32_range(low, high, name):
+    if low < -2**31 or high >= 2**31:
+        bad = low if low < -2**31 else high
+        raise ValueError(f"{name}: value {bad} does not fit in int32")
 
 
 def _float_like(values, ref):
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"scales: expected a sequence of real numbers ({error})") from None
     if isinstance(ref, np.ndarray) or not hasattr(ref, "new_tensor"):
-        return np.asarray(values, dtype=np.float64)
+        return arr
     import torch
 
-    return torch.as_tensor(values, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32,
+    return torch.as_tensor(arr, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32,
                            device=ref.device)
+
+
+def _adapter_inputs(x, pool_a, index_a, pool_b, index_b):
+    """Checks the adapter's arrays enough to size the call: (d_in, A-pool shard length)."""
+    return _pool_sizes(x, pool_a, pool_b, index_a, index_b, 1)
+
+
+def _pool_sizes(x, pool_a, pool_b, index_a, index_b, index_ndim):
+    d_in = _columns(_tensor(x, "x"), "x", "d_in")
+    shard_len_a = _columns(_tensor(pool_a, "pool_a", 2), "pool_a", "shard length")
+    _columns(_tensor(pool_b, "pool_b", 2), "pool_b", "shard length")
+    _tensor(index_a, "index_a", index_ndim)
+    _tensor(index_b, "index_b", index_ndim)
+    if d_in % shard_len_a:
+        raise ValueError(f"pool_a: shard length {shard_len_a} must divide x's d_in = {d_in}")
+    return d_in, shard_len_a
+
+
+def _flat_view(a, name, what):
+    """(rows, last) view of `a` that shares its memory (outputs are written in place)."""
+    a2 = a if len(a.shape) == 2 else a.reshape(math.prod(int(d) for d in a.shape[:-1]), int(a.shape[-1]))
+    if not _shares_memory(a2, a):
+        raise ValueError(f"{name}: cannot be viewed as (rows, {what}) without a copy; pass a contiguous {name}")
+    return a2
 
 
 def _output_rows(x, lead, d_out, out):
@@ -231,10 +332,7 @@ def _output_rows(x, lead, d_out, out):
     y = _zeros_like_lib(x, lead + (d_out,)) if out is None else out
     if tuple(y.shape[:-1]) != lead:
         raise ValueError(f"out: leading shape {tuple(y.shape[:-1])} does not match x's {lead}")
-    y2 = y.reshape(-1, d_out) if len(y.shape) != 2 else y
-    if not _shares_memory(y2, y):
-        raise ValueError("out: cannot be viewed as (rows, d_out) without a copy; pass a contiguous out")
-    return y, y2
+    return y, _flat_view(y, "out", "d_out")
 
 
 def _cuda_context(x, workspace, stream, n_rows, d_in, d_out, r, backward, with_h):

@@ -25,7 +25,8 @@ class ShardPool:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.name, self.config = name, config
-        self.d_in, self.d_out, self.n_layers = int(d_in), int(d_out), int(n_layers)
+        self.d_in, self.d_out, self.n_layers = (_integer(value, key) for key, value in
+                                                (("d_in", d_in), ("d_out", d_out), ("n_layers", n_layers)))
         if self.n_layers >= 1:  # the core reports other bad sizes itself
             check_type(name, self.d_in, self.d_out, self.n_layers, config, self.rank)
         shape = _C.pool_shape(self.d_in, self.d_out, self.n_layers, self.rank, config.equivalent_rank,
@@ -103,9 +104,9 @@ class ShardPool:
         return a[layer], b[layer]
 
     def set_index_tables(self, index_a, index_b) -> None:
-        """Installs saved tables after validating shape, range, distinctness and privatization."""
-        index_a = np.ascontiguousarray(index_a, dtype=np.int64)
-        index_b = np.ascontiguousarray(index_b, dtype=np.int64)
+        """Installs saved tables after validating dtype, shape, range, distinctness and privatization."""
+        index_a, index_b = (_integer_table(table, f"{self.name}.{key}")
+                            for key, table in (("index_a", index_a), ("index_b", index_b)))
         expected = (self.n_layers, self.rank * self.shards_per_vector)
         for key, table in (("index_a", index_a), ("index_b", index_b)):
             if table.shape != expected:
@@ -155,7 +156,8 @@ class ShardPool:
         self.set_index_tables(np.asarray(state["index_a"]), np.asarray(state["index_b"]))
 
     def _check_layer(self, layer):
-        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
+                or not 0 <= layer < self.n_layers:
             raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer!r}")
 
     def __repr__(self):
@@ -163,3 +165,20 @@ class ShardPool:
         return (f"ShardPool({self.name!r}, d_in={self.d_in}, d_out={self.d_out}, "
                 f"n_layers={self.n_layers}, r={self.rank}, equivalent_rank={c.equivalent_rank}, "
                 f"l={c.shards_per_vector}, p={c.private_rank}, n_shards={self.n_shards})")
+
+
+def _integer(value, name):
+    """value as an int when it is an integer (bools and floats such as 8.9 are refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _integer_table(table, name):
+    """An int64 copy of an integer index table; float tables are refused, never truncated."""
+    table = np.asarray(table)
+    if table.dtype == np.bool_ or not np.issubdtype(table.dtype, np.integer):
+        raise TypeError(f"{name}: index tables must hold integers, got {table.dtype}")
+    if table.dtype == np.uint64 and table.size and table.max() >= 2**63:
+        raise ValueError(f"{name}: indices must be below 2**63")
+    return np.ascontiguousarray(table, dtype=np.int64)
