@@ -6,6 +6,7 @@ unless given; N-D inputs are flattened to rows. Every call validates before it w
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def assemble(pool, index, r: int, *, stream=None):
     if r < 1 or n_index % r:
         raise ValueError(f"r must be a positive divisor of len(index)={n_index}, got {r!r}")
     rows = _zeros_like_lib(pool, (n_index, int(pool.shape[1])))
-    _C.assemble(rows, pool, index, _launch_stream(pool, _stream(stream)))
+    _named(_C.assemble, {"rows": "pool"}, rows, pool, index, _launch_stream(pool, _stream(stream)))
     return rows.reshape(r, n_index // r * int(pool.shape[1]))
 
 
@@ -100,7 +101,8 @@ def scatter_add(pool_grad, rows, index, *, stream=None):
     if int(rows2.shape[1]) != int(pool_grad.shape[1]):
         raise ValueError(f"rows: has {int(rows2.shape[1])} columns, pool_grad's shard length is "
                          f"{int(pool_grad.shape[1])}")
-    _C.scatter_add(pool_grad, rows2, index, _launch_stream(pool_grad, _stream(stream)))
+    _named(_C.scatter_add, {"pool": "pool_grad"}, pool_grad, rows2, index,
+           _launch_stream(pool_grad, _stream(stream)))
     return pool_grad
 
 
@@ -111,6 +113,7 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
     With `weight` (d_out, d_in) and optional `bias`, computes the whole layer
     x W^T + bias + scale * (x A^T) B^T (CPU). `h` (N, r) receives x A^T when given."""
     d_in, shard_len_a = _adapter_inputs(x, pool_a, index_a, pool_b, index_b)
+    _tensor(out, "out", optional=True)
     _tensor(h, "h", 2, optional=True)
     _tensor(bias, "bias", 1, optional=True)
     _tensor(workspace, "workspace", 1, optional=True)
@@ -124,12 +127,13 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
         d_out = int(pool_b.shape[1]) * (d_in // shard_len_a)
     y, y2 = _output_rows(x, lead, d_out, out)
     if weight is not None:
-        _C.linear_forward_full(y2, x2, weight, bias, pool_a, index_a, pool_b, index_b, scale)
+        _named(_C.linear_forward_full, _OUT, y2, x2, weight, bias, pool_a, index_a, pool_b, index_b, scale)
     else:
         r = int(index_a.shape[0]) * shard_len_a // d_in
         workspace, stream = _cuda_context(x2, workspace, _stream(stream), int(x2.shape[0]), d_in,
                                           d_out, max(r, 1), False, h is not None)
-        _C.linear_forward(y2, x2, pool_a, index_a, pool_b, index_b, scale, h, workspace, stream)
+        _named(_C.linear_forward, _OUT, y2, x2, pool_a, index_a, pool_b, index_b, scale, h, workspace,
+               stream)
     return y
 
 
@@ -147,6 +151,9 @@ def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a
     if not isinstance(need_dx, (bool, np.bool_)):
         raise TypeError(f"need_dx: expected a bool, got {type(need_dx).__name__}")
     x2, dy2 = _rows(x, "x"), _rows(dy, "dy")
+    # Gradients allocated here are made like x or the pools: their errors are those arrays' errors.
+    renames = {name: source for name, source, given in (("dx", "x", dx), ("dpool_a", "pool_a", dpool_a),
+                                                         ("dpool_b", "pool_b", dpool_b)) if given is None}
     if need_dx and dx is None:
         dx = _zeros_like_lib(x, tuple(x.shape))
     dx2 = None
@@ -159,8 +166,8 @@ def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a
     r = int(index_a.shape[0]) * shard_len_a // d_in
     workspace, stream = _cuda_context(x2, workspace, _stream(stream), int(x2.shape[0]), d_in,
                                       int(dy2.shape[1]), max(r, 1), True, h is not None)
-    _C.linear_backward(dx2, dpool_a, dpool_b, dy2, x2, pool_a, index_a, pool_b, index_b, scale,
-                       h, workspace, stream)
+    _named(_C.linear_backward, renames, dx2, dpool_a, dpool_b, dy2, x2, pool_a, index_a, pool_b,
+           index_b, scale, h, workspace, stream)
     return dx, dpool_a, dpool_b
 
 
@@ -218,8 +225,8 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
         nbytes = batched_workspace_bytes(n_rows, max_rank, x2.element_size(), grouped)
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x2.device)
     stream = _launch_stream(x2, stream)
-    _C.batched_forward(y2, x2, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ranks,
-                       grouped, segments if grouped else None, workspace, stream)
+    _named(_C.batched_forward, _OUT, y2, x2, pool_a, index_a, pool_b, index_b, scales, adapter_ids,
+           ranks, grouped, segments if grouped else None, workspace, stream)
     return y
 
 
@@ -280,7 +287,7 @@ def _int32_like(values, ref, name):
         if arr.size:
             _require_int32_range(int(arr.min()), int(arr.max()), name)
         arr = arr.astype(np.int32)
-    arr = np.ascontiguousarray(arr)
+    arr = arr if arr.flags.c_contiguous else arr.copy()  # (ascontiguousarray would make 0-D 1-D)
     return arr if torch is None else torch.as_tensor(arr, device=ref.device)
 
 
@@ -360,6 +367,23 @@ def _launch_stream(x, stream):
 
     # torch reports the legacy default stream as 0, which DLPack spells 1.
     return torch.cuda.current_stream(x.device).cuda_stream or 1
+
+
+_OUT = {"y": "out"}
+
+
+def _named(function, renames, *args):
+    """Calls a mos._C entry point; an error about one of its arguments is re-raised under the name
+    this module's caller used (`out` for the core's `y`)."""
+    try:
+        return function(*args)
+    except (TypeError, ValueError, BufferError) as error:
+        message = str(error)
+        for inner, outer in renames.items():
+            message = re.sub(rf"(?<![\w.]){inner}(?![\w])", outer, message)
+        if message == str(error):
+            raise
+        raise type(error)(message) from None
 
 
 def _shares_memory(view, base):
