@@ -47,8 +47,12 @@ def _columns(a, name, what):
 
 
 def _stream(stream):
+    """A CUDA stream handle as DLPack spells it (1: the legacy default stream), or None."""
     if stream is not None and (isinstance(stream, bool) or not isinstance(stream, (int, np.integer))):
         raise TypeError(f"stream: expected an int or None, got {type(stream).__name__}")
+    if stream is not None and stream < 1:
+        raise ValueError(f"stream={stream} is invalid: pass the stream to launch on (a cudaStream_t, "
+                         "1 for the legacy default stream) or None")
     return stream
 
 
@@ -113,6 +117,7 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
     With `weight` (d_out, d_in) and optional `bias`, computes the whole layer
     x W^T + bias + scale * (x A^T) B^T (CPU). `h` (N, r) receives x A^T when given."""
     d_in, shard_len_a = _adapter_inputs(x, pool_a, index_a, pool_b, index_b)
+    _stream(stream)
     _tensor(out, "out", optional=True)
     _tensor(h, "h", 2, optional=True)
     _tensor(bias, "bias", 1, optional=True)

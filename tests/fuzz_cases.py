@@ -10,6 +10,8 @@ message that does not name the argument). A crash kills the process; callers run
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import random
 import re
 from dataclasses import dataclass, field
@@ -285,7 +287,7 @@ def _int_case(entry, function, kwargs, check):
 def c_linear_workspace_bytes(p, d):
     backward, with_h = d.flag(), d.flag()
     kwargs = dict(n_rows=p.n, d_in=p.d_in, d_out=p.d_out, r=p.r, itemsize=d.choice([2, 4, 8]),
-                  backward=backward, with_h=with_h)
+                  backward=backward, with_h=with_h, cuda=d.flag())
     e = max(4, kwargs["itemsize"])
     need = p.r * (p.d_in + p.d_out) * e + (0 if with_h else p.n * p.r * e)
     return _int_case("_C.linear_workspace_bytes", _C.linear_workspace_bytes, kwargs,
@@ -294,8 +296,7 @@ def c_linear_workspace_bytes(p, d):
 
 
 def c_batched_workspace_bytes(p, d):
-    kwargs = dict(n_rows=p.n, max_rank=p.r, itemsize=d.choice([2, 4, 8]), grouped=d.flag(),
-                  n_segments=d.choice([-1, 0, 2]))
+    kwargs = dict(n_rows=p.n, max_rank=p.r, itemsize=d.choice([2, 4, 8]), grouped=d.flag())
     need = p.n * p.r * 4
     return _int_case("_C.batched_workspace_bytes", _C.batched_workspace_bytes, kwargs,
                      lambda res: None if isinstance(res, int) and res >= need else f"{res!r} < {need}")
@@ -508,7 +509,7 @@ PINNED = {
 }
 # Arguments for which None is a valid value even where the signature gives no default.
 NONE_OK = {"dx", "dpool_a", "dpool_b", "bias", "h", "workspace", "ranks", "segments", "out", "weight"}
-INT_ARGS = {"n_rows", "d_in", "d_out", "r", "itemsize", "max_rank", "n_segments", "n_layers",
+INT_ARGS = {"n_rows", "d_in", "d_out", "r", "itemsize", "max_rank", "n_layers",
             "equivalent_rank", "shards_per_vector", "private_rank", "seed", "layer", "side"}
 
 
@@ -579,6 +580,9 @@ def _defects(case, p):
     if "x" in kw and _is_array(kw["x"]) and kw["x"].ndim == 2 and not entry.startswith("F.segments"):
         x = kw["x"]
         out.append(("columns", lambda: _with(case, "x", np.zeros((x.shape[0], 0), x.dtype), "columns")))
+    if any(p.name == "stream" for p in _parameters(case.function)):  # parsed (and range-checked) on every device
+        for bad, kind in (("s", "type"), (1.5, "type"), (-5, "value"), (0, "value")):
+            out.append((kind, lambda bad=bad, kind=kind: _with(case, "stream", bad, kind)))
     for arg in required:
         out.append(("missing", lambda arg=arg: _without(case, arg)))
     out.append(("keyword", lambda: _with(case, "bogus", 1, "keyword", names=("bogus",))))
@@ -586,14 +590,14 @@ def _defects(case, p):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _parameters(function):
+    return tuple(inspect.signature(function).parameters.values())
+
+
 def _required(case):
     """Arguments without a default (a missing one must be named)."""
-    import inspect
-    try:
-        params = inspect.signature(case.function).parameters.values()
-    except (TypeError, ValueError):
-        return set()
-    return {p.name for p in params if p.default is inspect.Parameter.empty
+    return {p.name for p in _parameters(case.function) if p.default is inspect.Parameter.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name in case.kwargs}
 
 
