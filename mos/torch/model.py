@@ -14,7 +14,7 @@ from torch import nn
 from ..config import MoSConfig
 from ..pool import ShardPool
 from ..ranks import fit_ranks
-from . import files, sharding
+from . import files, misuse, sharding
 from .layer import MoSLinear
 from .pools import SharedPools
 from .targets import default_target_modules, find_targets
@@ -44,6 +44,7 @@ class MoSModel(nn.Module):
     def _init_empty(self, model):
         if isinstance(model, MoSModel):
             raise TypeError("model is already a MoSModel; use add_adapter() for another adapter")
+        misuse.check_not_wrapped(model)
         self.base_model = TunedModel(model)
         self.mos_pools = nn.ModuleDict()
         self.peft_config = {}
@@ -153,7 +154,7 @@ class MoSModel(nn.Module):
         return self
 
     def _add(self, adapter_name, config, state, is_trainable=True):
-        _check_adapter_name(adapter_name, self.peft_config)
+        misuse.check_adapter_name(adapter_name, self.peft_config)
         config = copy.deepcopy(state.config if state is not None else config)
         if not isinstance(config, MoSConfig):
             raise TypeError(f"config must be a MoSConfig, got {type(config).__name__}")
@@ -240,12 +241,14 @@ class MoSModel(nn.Module):
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         """Adds s * B_k A_k into every adapted weight (the active adapter by default). With safe_merge
         every layer is checked for NaN/inf first, and nothing is merged if one fails."""
+        names = misuse.merge_names(self, adapter_names)
+        misuse.check_merge_targets(self, names)
         layers = self._mos_layers()
         if safe_merge:
             for layer in layers:
-                layer.check_merge(adapter_names)
+                layer.check_merge(names)
         for layer in layers:
-            layer.merge(adapter_names=adapter_names)
+            layer.merge(adapter_names=names)
 
     def unmerge_adapter(self) -> None:
         for layer in self._mos_layers():
@@ -323,6 +326,7 @@ class MoSModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(self.peft_config)}")
+            misuse.check_adapter_name(name)  # it names a directory: never one outside save_directory
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory}: is a file, expected a directory")
         for name in names:
@@ -361,6 +365,7 @@ def _plan(model, config, state=None):
     (only for a new adapter: a saved one, `state`, must fit as saved)."""
     with _config_errors(state):
         layouts = find_targets(model, config)
+        misuse.check_single_paths(model, layouts)
     if state is not None:
         files.check_layouts(state, layouts)
     with _config_errors(state):
@@ -410,14 +415,6 @@ class TunedModel(nn.Module):
             if name == "model" or "_modules" not in self.__dict__:
                 raise
             return getattr(self._modules["model"], name)
-
-
-def _check_adapter_name(name, existing):
-    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
-        raise ValueError(f"adapter name must be a non-empty string without '.' that is not an "
-                         f"nn.Module attribute, got {name!r}")
-    if name in existing:
-        raise ValueError(f"adapter {name!r} already exists; delete_adapter() it first or pick another name")
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -468,15 +468,26 @@ class _MixedBatch:
         return out.reshape(result.shape)
 
 
+_INPUT_KEYS = ("input_ids", "inputs_embeds", "inputs", "hidden_states", "x", "pixel_values",
+               "input_values", "input_features", "decoder_input_ids")
+
+
 def _batch_size(args, kwargs):
-    for key in ("input_ids", "inputs_embeds", "hidden_states", "x"):
+    """The batch size of a call: its input's first dimension (a known input keyword, else the first
+    positional tensor, else the largest first dimension among keyword tensors of 2+ dimensions;
+    one-dimensional ones such as cache_position are not per sample)."""
+    for key in _INPUT_KEYS:
         value = kwargs.get(key)
         if isinstance(value, torch.Tensor):
             return value.shape[0]
     for value in args:
         if isinstance(value, torch.Tensor):
             return value.shape[0]
-    return None
+    sizes = [v.shape[0] for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 2]
+    if not sizes:
+        raise ValueError(f"adapter_names: cannot tell the batch size of this call (no input tensor among "
+                         f"{sorted(kwargs)}); pass the input positionally or as one of {list(_INPUT_KEYS)}")
+    return max(sizes)
 
 
 @contextmanager
@@ -504,7 +515,7 @@ def mixed_batch(model, adapter_names, args=(), kwargs=None):
             raise ValueError("adapter_names cannot be used inside disable_adapter(); pass "
                              f"{BASE_ADAPTER!r} for samples that should run the base model alone")
         batch = _batch_size(args, kwargs or {})
-        if batch is not None and batch != len(adapter_names):
+        if batch != len(adapter_names):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} "
                              f"samples; pass one adapter name per sample")
         state = _MixedBatch(packing, [packing.slot(name) for name in adapter_names])
