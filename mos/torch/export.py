@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from .atomic import replace_directory, write_bytes
-from .files import CONFIG_NAME, WEIGHTS_NAME
+from .files import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME
 from .layer import MoSLinear
+from .saved_modules import saved_tensors
 
 __all__ = ["export_lora"]
 
@@ -23,6 +24,8 @@ __all__ = ["export_lora"]
 def export_lora(mos_model, save_directory: str, adapter_name: str | None = None) -> None:
     """Writes `adapter_name` (default: the active adapter) of `mos_model` as a PEFT LoRA adapter."""
     name = mos_model.active_adapter if adapter_name is None else adapter_name
+    if isinstance(name, list):
+        raise ValueError(f"adapters {name} are active together; export_lora writes one: pass adapter_name")
     if name not in mos_model.peft_config:
         raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(mos_model.peft_config)}")
     config = mos_model.peft_config[name]
@@ -36,6 +39,8 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
                 tensors[f"base_model.model.{path}.lora_A.weight"] = a.detach().to("cpu").contiguous()
                 tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().to("cpu").contiguous()
                 paths.append(path)
+        plan = mos_model._saved_plans[name]
+        tensors.update(_peft_saved_keys(saved_tensors(mos_model.get_base_model(), name, plan), set(paths)))
     lora_config = {
         "peft_type": "LORA",
         "task_type": config.task_type,
@@ -46,13 +51,13 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
         "target_modules": _lora_target_modules(mos_model.get_base_model(), paths),
-        "bias": "none",
+        "bias": config.bias,
         # PEFT's flag for weights stored (d_in, d_out), as GPT-2's Conv1D (PEFT checks it per layer).
         "fan_in_fan_out": any(layer.fan_in_fan_out for entries in mos_model.adapter_paths(name).values()
                               for _, layer in entries),
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": plan.modules or None,
     }
 
     def fill(directory):
@@ -64,6 +69,19 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
     # PEFT reads the two files separately, so they are switched in together: a kill -9 at any
     # instant leaves the previous export or this one.
     replace_directory(save_directory, fill)
+
+
+def _peft_saved_keys(tensors, adapted):
+    """modules_to_save and bias tensors under PEFT's keys: base_model.model.<path>, with the bias
+    of an adapted layer under its base_layer (where PEFT's LoRA layer keeps it)."""
+    renamed = {}
+    for key, value in tensors.items():
+        path = key.removeprefix(SAVED_PREFIX)
+        module, _, leaf = path.rpartition(".")
+        if module in adapted:
+            path = f"{module}.base_layer.{leaf}"
+        renamed[f"base_model.model.{path}"] = value
+    return renamed
 
 
 def _lora_target_modules(base_model, paths):

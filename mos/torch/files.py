@@ -33,13 +33,15 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = "1"
 SAVE_ID = "mos_save_id"  # in both files: which save each one comes from
 TENSOR_FIELDS = ("pool_a", "pool_b", "index_a", "index_b")
+SAVED_PREFIX = "saved:"  # modules_to_save and trained biases, by path in the plain model (saved_modules.py)
 
 
 # ---------------------------------------------------------------------------- writing
 
 
-def write_adapter(directory: str, config: MoSConfig, pools: dict, paths: dict) -> None:
-    """Writes one adapter: `pools` is {type: SharedPools}, `paths` {type: [module path by position]}.
+def write_adapter(directory: str, config: MoSConfig, pools: dict, paths: dict, saved=None) -> None:
+    """Writes one adapter: `pools` is {type: SharedPools}, `paths` {type: [module path by position]},
+    `saved` {SAVED_PREFIX + path: tensor} (modules_to_save, biases).
 
     The weights file is the commit point: it carries the config and a save id in its metadata, and
     the config file written after it repeats that id. A kill between the two leaves new weights
@@ -52,6 +54,7 @@ def write_adapter(directory: str, config: MoSConfig, pools: dict, paths: dict) -
         for name in TENSOR_FIELDS:
             tensors[f"{module_type}.{name}"] = getattr(shared, name).detach().to("cpu").contiguous()
         layout[module_type] = {"d_in": shared.d_in, "d_out": shared.d_out, "modules": list(paths[module_type])}
+    tensors.update(saved or {})
     save_id = secrets.token_hex(16)
     config_data = config.to_dict()
     metadata = {"format": "pt", "mos_format": FORMAT_VERSION, "mos_layout": json.dumps(layout),
@@ -204,7 +207,7 @@ def validate_adapter(files: AdapterFiles, shard_pools: dict, layouts: dict) -> d
     if missing:
         raise ValueError(f"{where}: missing key {missing[0]!r} (the model's target modules need pools for "
                          f"{sorted(shard_pools)})")
-    unexpected = sorted(set(files.tensors) - expected)
+    unexpected = sorted(k for k in set(files.tensors) - expected if not k.startswith(SAVED_PREFIX))
     if unexpected:
         raise ValueError(f"{where}: unexpected key {unexpected[0]!r}: the adapter has state for modules "
                          f"target_modules does not match in this model")

@@ -62,7 +62,7 @@ def merge_names(model, adapter_names) -> list:
     if adapter_names is None:
         if model.active_adapter is None:
             raise ValueError("no active adapter to merge; set_adapter() first or pass adapter_names")
-        return [model.active_adapter]
+        return list(model.active_adapters)  # several after set_adapter([...])
     names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
     if not isinstance(names, (list, tuple)) or not names:
         raise ValueError(f"adapter_names must be an adapter name or a non-empty list of them, got "

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import MoSConfig
 from ..pool import ShardPool
 from ..ranks import fit_ranks
-from . import files, misuse, sharding
+from . import files, misuse, saved_modules, sharding
 from .layer import MoSLinear
 from .pools import SharedPools
 from .targets import default_target_modules, find_targets
@@ -50,6 +50,7 @@ class MoSModel(nn.Module):
         self.peft_config = {}
         self.active_adapter = None
         self._inference_adapters = set()
+        self._saved_plans = {}  # adapter -> saved_modules.SavedPlan (modules_to_save, biases)
         self._expose_forward_signature()
 
     def _expose_forward_signature(self):
@@ -120,7 +121,13 @@ class MoSModel(nn.Module):
 
     @property
     def active_adapters(self) -> list:
-        return [] if self.active_adapter is None else [self.active_adapter]
+        active = self.active_adapter
+        return [] if active is None else [active] if isinstance(active, str) else list(active)
+
+    def _saving_adapter(self):
+        """The adapter whose modules_to_save copies run: the active one (set_adapter refuses
+        several active adapters when one has modules_to_save)."""
+        return (self.active_adapters or [None])[0]
 
     def _mos_layers(self):
         return [m for m in self.base_model.modules() if isinstance(m, MoSLinear)]
@@ -160,10 +167,16 @@ class MoSModel(nn.Module):
             raise TypeError(f"config must be a MoSConfig, got {type(config).__name__}")
         if config.target_modules is None:
             config.target_modules = default_target_modules(self.get_base_model())
+        config = saved_modules.with_task_heads(config, self.get_base_model(), warn=state is None)
         # Plan and validate everything before touching the model, so a failure changes nothing.
         # A new adapter may lower r for types with too few layers; a saved one keeps its ranks.
         config, layouts, shard_pools = _plan(self.get_base_model(), config, state)
         saved = files.validate_adapter(state, shard_pools, layouts) if state is not None else {}
+        saved_plan = saved_modules.plan_saved(
+            self.get_base_model(), config, [site.path for layout in layouts.values() for site in layout.sites],
+            existing_biases=any(c.bias != "none" for c in self.peft_config.values()))
+        saved_values = {} if state is None else saved_modules.load_saved(
+            os.path.join(state.directory, files.WEIGHTS_NAME), state.tensors, self.get_base_model(), saved_plan)
         pools = nn.ModuleDict()
         for module_type, layout in layouts.items():
             values, tables = saved.get(module_type, (None, None))
@@ -176,6 +189,10 @@ class MoSModel(nn.Module):
                     self._wrap(site.path, site.module, layout.module_type)
                 layer.add_adapter(adapter_name, pools[layout.module_type], position,
                                   config.scaling_for(layout.module_type), config.lora_dropout)
+        saved_modules.install_saved(self.get_base_model(), adapter_name, saved_plan)
+        saved_modules.copy_saved(self.get_base_model(), adapter_name, saved_plan, saved_values)
+        saved_modules.set_saved_adapter(self.get_base_model(), self._saving_adapter())
+        self._saved_plans[adapter_name] = saved_plan
         self.mos_pools[adapter_name] = pools
         self.peft_config[adapter_name] = config
         if not is_trainable:
@@ -191,15 +208,18 @@ class MoSModel(nn.Module):
         _set_submodule(self.get_base_model(), path, layer)
         return layer
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Makes `adapter_name` the one that runs and trains; other adapters' pools are frozen."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+    def set_adapter(self, adapter_name) -> None:
+        """Makes `adapter_name` the one that runs and trains; other adapters' pools are frozen.
+        A list of names makes them all active, as PEFT's LoRA tuner does: their updates add up in
+        every layer, and each of them trains."""
+        names = _active_names(adapter_name, self.peft_config, self._saved_plans)
         if any(layer.merged for layer in self._mos_layers()):
             self.unmerge_adapter()  # a merged weight would silently keep the old adapter
+        active = names[0] if len(names) == 1 else names
         for layer in self._mos_layers():
-            layer.active_adapter = adapter_name
-        self.active_adapter = adapter_name
+            layer.active_adapter = active
+        saved_modules.set_saved_adapter(self.get_base_model(), names[0])
+        self.active_adapter = active
         self._sync_requires_grad()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -210,19 +230,24 @@ class MoSModel(nn.Module):
             layer.remove_adapter(adapter_name)
             if not layer.adapter_names:
                 _set_submodule(self.get_base_model(), path, layer.base_layer)
+        saved_modules.remove_saved(self.get_base_model(), adapter_name)
+        del self._saved_plans[adapter_name]
         del self.mos_pools[adapter_name]
         del self.peft_config[adapter_name]
         self._inference_adapters.discard(adapter_name)
-        if self.active_adapter == adapter_name:
-            remaining = list(self.peft_config)
+        if adapter_name in self.active_adapters:
+            still_active = [n for n in self.active_adapters if n != adapter_name]
+            remaining = still_active or list(self.peft_config)[:1]
             self.active_adapter = None
             if remaining:
-                self.set_adapter(remaining[0])
+                self.set_adapter(remaining)
 
     def _sync_requires_grad(self):
         for name, pools in self.mos_pools.items():
-            trainable = name == self.active_adapter and name not in self._inference_adapters
+            trainable = name in self.active_adapters and name not in self._inference_adapters
             for param in pools.parameters():
+                param.requires_grad_(trainable)
+            for param in saved_modules.saved_parameters(self.get_base_model(), name, self._saved_plans[name]):
                 param.requires_grad_(trainable)
 
     def _named_mos_layers(self):
@@ -268,6 +293,8 @@ class MoSModel(nn.Module):
     def _unload(self):
         for path, layer in self._named_mos_layers():
             _set_submodule(self.get_base_model(), path, layer.base_layer)
+        saved_modules.unload_saved(self.get_base_model())  # as PEFT: the active adapter's copies stay
+        self._saved_plans = {}
         self.mos_pools = nn.ModuleDict()
         self.peft_config = {}
         self.active_adapter = None
@@ -282,9 +309,11 @@ class MoSModel(nn.Module):
         for layer in layers:
             layer.unmerge()
             layer.disable_adapters = True
+        saved_modules.set_saved_adapter(self.get_base_model(), self._saving_adapter(), disabled=True)
         try:
             yield
         finally:
+            saved_modules.set_saved_adapter(self.get_base_model(), self._saving_adapter(), disabled=False)
             for layer in layers:
                 layer.disable_adapters = False
                 if merged[layer]:
@@ -336,7 +365,8 @@ class MoSModel(nn.Module):
             # no rank returns before the files exist.
             pools, sharded = sharding.gather_pools(dict(self.mos_pools[name].items()))
             if is_main_process and (not sharded or sharding.is_writer()):
-                files.write_adapter(directory, self.peft_config[name], pools, paths)
+                files.write_adapter(directory, self.peft_config[name], pools, paths, saved_modules.saved_tensors(
+                    self.get_base_model(), name, self._saved_plans[name]))
             if sharded:
                 sharding.barrier()
 
@@ -415,6 +445,22 @@ class TunedModel(nn.Module):
             if name == "model" or "_modules" not in self.__dict__:
                 raise
             return getattr(self._modules["model"], name)
+
+
+def _active_names(adapter_name, configs, saved_plans) -> list:
+    """The names set_adapter activates: one name or a non-empty list of distinct known ones."""
+    names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names) \
+            or len(set(names)) != len(names):
+        raise ValueError(f"set_adapter takes an adapter name or a list of distinct names, got {adapter_name!r}")
+    for name in names:
+        if name not in configs:
+            raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(configs)}")
+    saving = [n for n in names if saved_plans[n].modules]
+    if len(names) > 1 and saving:
+        raise ValueError(f"adapters {list(names)} cannot be active together: {saving[0]!r} has modules_to_save, "
+                         f"and only one adapter's copy of a module can run (as in PEFT)")
+    return list(names)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from ..pool import ShardPool
-from . import files
+from . import files, saved_modules
 from .model import MoSModel
 
 __all__ = ["MoSTrainer"]
@@ -85,11 +85,15 @@ def restore_pools(model: MoSModel, directory: str, adapter_name: str) -> None:
             if not torch.equal(torch.tensor(table, dtype=torch.int32), getattr(shared, name).cpu()):
                 raise ValueError(f"{os.path.join(directory, files.WEIGHTS_NAME)}: {module_type}.{name} differs "
                                  f"from adapter {adapter_name!r}'s; it is another adapter")
+    plan = model._saved_plans[adapter_name]
+    saved_values = saved_modules.load_saved(os.path.join(directory, files.WEIGHTS_NAME), state.tensors,
+                                            model.get_base_model(), plan)
     with torch.no_grad():
         for module_type, (values, _) in saved.items():
             shared = pools[module_type]
             shared.pool_a.copy_(values[0])
             shared.pool_b.copy_(values[1])
+    saved_modules.copy_saved(model.get_base_model(), adapter_name, plan, saved_values)  # heads, biases
 
 
 def _settings(config):

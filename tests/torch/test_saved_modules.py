@@ -1,0 +1,160 @@
+"""modules_to_save and bias (PEFT's meanings): a BERT classifier's head and biases train, save,
+load, export to PEFT and unload; several active adapters (set_adapter([...])) as PEFT's LoRA tuner."""
+import pytest
+import torch
+import transformers
+
+import mos
+from mos.torch import MoSModel, get_mos_model
+from mos.torch.saved_modules import ModulesToSaveWrapper
+from mos.torch.trainer import restore_pools
+from torch_helpers import llama_inputs, logits, make_llama, mos_config, plain_state, randomize_pools
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(1))
+LABELS = torch.tensor([0, 1, 2, 1])
+
+
+def _bert(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def _bert_config(**overrides):
+    return mos.MoSConfig(**{**dict(r=2, equivalent_rank=2, target_modules=["query", "value"]), **overrides})
+
+
+def _train(model, steps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=IDS, labels=LABELS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def _scores(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_a_frozen_classifier_head_is_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"head 'classifier' is not trained nor saved.*modules_to_save=\['classifier'\]"):
+        model = get_mos_model(_bert(), _bert_config())
+    assert not any(p.requires_grad for p in model.base_model.classifier.parameters())
+
+
+@pytest.mark.parametrize("options", [dict(task_type="SEQ_CLS"), dict(modules_to_save=["classifier"])])
+def test_classifier_head_trains_saves_loads_and_exports(tmp_path, options):
+    fresh = _scores(_bert())
+    model = get_mos_model(_bert(), _bert_config(**options))
+    head = model.base_model.classifier
+    assert isinstance(head, ModulesToSaveWrapper) and model.peft_config["default"].modules_to_save == ["classifier"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"base_model.model.classifier.modules_to_save.default.weight",
+            "base_model.model.classifier.modules_to_save.default.bias"} <= trainable
+    _train(model)
+    assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)
+    expected = _scores(model)
+    with model.disable_adapter():  # the base model alone: original head, no adapter
+        torch.testing.assert_close(_scores(model), fresh, rtol=0, atol=1e-6)
+
+    model.save_pretrained(str(tmp_path / "mos"))
+    loaded = MoSModel.from_pretrained(_bert(), str(tmp_path / "mos"))
+    assert torch.equal(_scores(loaded), expected)
+
+    model.export_lora(str(tmp_path / "lora"))
+    exported = peft.PeftModel.from_pretrained(_bert(), str(tmp_path / "lora"))
+    torch.testing.assert_close(_scores(exported), expected, rtol=0, atol=1e-6)
+
+    plain = model.merge_and_unload()  # as PEFT: the trained head replaces the wrapper
+    assert isinstance(plain.classifier, torch.nn.Linear)
+    torch.testing.assert_close(_scores(plain), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_options_train_the_biases_peft_trains_and_save_them(tmp_path, bias):
+    model = get_mos_model(_bert(), _bert_config(bias=bias, task_type="SEQ_CLS"))
+    lora = peft.get_peft_model(_bert(), peft.LoraConfig(r=2, target_modules=["query", "value"], bias=bias,
+                                                        task_type="SEQ_CLS"))
+
+    def trained_biases(m, prefix):
+        return {n.removeprefix(prefix).replace(".base_layer", "") for n, p in m.named_parameters()
+                if p.requires_grad and n.endswith("bias") and "modules_to_save" not in n}
+    assert trained_biases(model, "base_model.model.") == trained_biases(lora, "base_model.model.")
+    _train(model)
+    expected = _scores(model)
+    model.save_pretrained(str(tmp_path / "mos"))
+    loaded = MoSModel.from_pretrained(_bert(), str(tmp_path / "mos"))
+    assert torch.equal(_scores(loaded), expected)
+    model.export_lora(str(tmp_path / "lora"))
+    torch.testing.assert_close(_scores(peft.PeftModel.from_pretrained(_bert(), str(tmp_path / "lora"))), expected,
+                               rtol=0, atol=1e-6)
+
+
+def test_trainer_resume_restores_head_and_biases(tmp_path):
+    model = get_mos_model(_bert(), _bert_config(bias="all", task_type="SEQ_CLS"))
+    _train(model)
+    expected = _scores(model)
+    model.save_pretrained(str(tmp_path))
+    _train(model)
+    assert not torch.equal(_scores(model), expected)
+    restore_pools(model, str(tmp_path), "default")
+    assert torch.equal(_scores(model), expected)
+
+
+def test_bad_saved_module_options_raise_and_change_nothing():
+    base = _bert()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"modules_to_save=\['head'\]: 'head' matches no module"):
+        get_mos_model(base, _bert_config(modules_to_save=["head"]))
+    model = get_mos_model(base, _bert_config(bias="all", task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="another adapter of this model already trains biases"):
+        model.add_adapter("other", _bert_config(bias="lora_only"))
+    model.delete_adapter("default")
+    assert base.state_dict().keys() == state.keys() and not isinstance(base.classifier, ModulesToSaveWrapper)
+
+
+def test_several_active_adapters_add_up_as_in_peft(tmp_path):
+    ids = llama_inputs()
+    model = get_mos_model(make_llama(), mos_config(seed=1))
+    model.add_adapter("other", mos_config(seed=2, target_modules=["q_proj", "v_proj"], r=2, equivalent_rank=2))
+    randomize_pools(model)
+    model.export_lora(str(tmp_path / "default"), "default")
+    model.export_lora(str(tmp_path / "other"), "other")
+    model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["default", "other"]
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"default", "other"}
+    expected = logits(model, ids)
+
+    base = make_llama(seed=9)
+    base.load_state_dict(plain_state(model.base_model))
+    lora = peft.PeftModel.from_pretrained(base, str(tmp_path / "default"))
+    lora.load_adapter(str(tmp_path / "other"), adapter_name="other")
+    lora.base_model.set_adapter(["default", "other"])
+    torch.testing.assert_close(logits(lora, ids), expected, rtol=0, atol=1e-5)
+
+    model.merge_adapter()  # merges every active adapter
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    model.delete_adapter("other")
+    assert model.active_adapters == ["default"]
+    with pytest.raises(ValueError, match="set_adapter takes an adapter name or a list of distinct names"):
+        model.set_adapter(["default", "default"])
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        model.set_adapter(["default", "nope"])
+
+
+def test_adapters_with_modules_to_save_cannot_be_active_together():
+    model = get_mos_model(_bert(), _bert_config(task_type="SEQ_CLS"))
+    model.add_adapter("other", _bert_config(task_type="SEQ_CLS", seed=1))
+    with pytest.raises(ValueError, match="cannot be active together: 'default' has modules_to_save"):
+        model.set_adapter(["default", "other"])
+    model.set_adapter("other")
+    head = model.base_model.classifier
+    assert head.active_adapter == "other" and sorted(head.modules_to_save) == ["default", "other"]
