@@ -133,7 +133,7 @@ def test_several_active_adapters_add_up_as_in_peft(tmp_path):
     expected = logits(model, ids)
 
     base = make_llama(seed=9)
-    base.load_state_dict(plain_state(model.base_model))
+    base.load_state_dict(plain_state(model.get_base_model()))
     lora = peft.PeftModel.from_pretrained(base, str(tmp_path / "default"))
     lora.load_adapter(str(tmp_path / "other"), adapter_name="other")
     lora.base_model.set_adapter(["default", "other"])
