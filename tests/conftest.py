@@ -1,24 +1,19 @@
-"""Shared fixtures: the device list (cpu, plus cuda when built with CUDA and a GPU is visible)."""
+"""Shared fixtures: the device list (cpu, plus cuda, which runs when built with CUDA and a GPU is visible)."""
 import numpy as np
 import pytest
-
-import mos
 
 pytest_plugins = ["pytester"]  # tests of the mos pytest plugin run pytest inside pytest
 
 
-def _cuda_available():
-    if not mos.build_info()["cuda"]:
-        return False
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+# The mos pytest plugin (mos.testing.plugin) skips `gpu`-marked tests without a GPU and a CUDA build.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not _cuda_available(), reason="mos built without CUDA or no GPU visible"))]
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.has_plugin("mos"):  # run with -p no:mos or without the entry point
+        from mos.testing.plugin import pytest_collection_modifyitems as skip_gpu_tests
+
+        skip_gpu_tests(config, items)
 
 
 @pytest.fixture(params=DEVICES)
