@@ -106,6 +106,13 @@ class MoSConfig:
                              f"got {type(self.target_modules).__name__}")
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_modules, list) and not all(isinstance(n, str) and n for n in self.target_modules):
+            raise ValueError(f"target_modules: expected non-empty module names, got {self.target_modules!r}")
+        if not isinstance(self.layer_pattern, str):
+            raise ValueError(f"layer_pattern must be a regex string, got {type(self.layer_pattern).__name__}")
+        for name in ("base_model_name_or_path", "task_type"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or None, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.rank_pattern, dict):
             raise ValueError(f"rank_pattern must be a dict of module type -> r, got {type(self.rank_pattern).__name__}")
         for name, rank in self.rank_pattern.items():

@@ -7,12 +7,15 @@ and in its metadata the module paths of each type in position order, so loading 
 matches differ fails loudly instead of giving layers someone else's private shards. The metadata
 also holds the config and a save id that adapter_config.json repeats: the weights file is the one
 commit point of a save, so a kill -9 at any instant leaves the old adapter or the new one.
+A config whose module selection holds patterns (a regex target_modules, exclude_modules or
+layer_pattern) loads onto the module list in the metadata: patterns from files are never evaluated.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..config import MoSConfig
 from .atomic import atomic_write, remove_stale_temporaries, write_bytes, write_json
 from .pools import torch_dtype
+from .targets import ALL_LINEAR
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterFiles", "write_adapter", "read_adapter",
            "validate_adapter", "check_layouts"]
@@ -94,6 +98,7 @@ class AdapterFiles:
     config: MoSConfig
     tensors: dict
     layout: dict | None  # {type: {"d_in", "d_out", "modules"}} from the metadata, if present
+    listed: bool = False  # load onto layout's modules: the config holds regexes, which files never run
 
 
 def read_adapter(directory: str) -> AdapterFiles:
@@ -139,7 +144,33 @@ def read_adapter(directory: str) -> AdapterFiles:
         config = MoSConfig.from_dict(data)
     except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"{source}: {err}") from None
-    return AdapterFiles(directory, config, tensors, layout)
+    regexes = _regex_fields(config)
+    if regexes and layout is None:
+        key, value = regexes[0]
+        raise ValueError(f"{source}: {key}={value!r} is a pattern, and the weights carry no module list "
+                         f"(metadata 'mos_layout') to load from; patterns from adapter files are never "
+                         f"evaluated (an adversarial regex can run for hours)")
+    return AdapterFiles(directory, config, tensors, layout, listed=bool(regexes))
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")
+_DEFAULT_LAYER_PATTERN = MoSConfig.__dataclass_fields__["layer_pattern"].default
+
+
+def _regex_fields(config: MoSConfig) -> list:
+    """[(key, value)] of the config's fields that would be evaluated as regular expressions."""
+    found = []
+    if isinstance(config.target_modules, str) and config.target_modules.lower() != ALL_LINEAR:
+        found.append(("target_modules", config.target_modules))
+    if isinstance(config.exclude_modules, str):
+        found.append(("exclude_modules", config.exclude_modules))
+    if config.layers_pattern is not None:
+        names = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern
+        if not all(_PLAIN_NAME.fullmatch(n) for n in names):  # spliced into a regex unescaped
+            found.append(("layers_pattern", config.layers_pattern))
+    if config.layer_pattern != _DEFAULT_LAYER_PATTERN:
+        found.append(("layer_pattern", config.layer_pattern))
+    return found
 
 
 def _read_json_object(path: str) -> dict:

@@ -17,7 +17,7 @@ from ..ranks import fit_ranks
 from . import files, misuse, saved_modules, sharding
 from .layer import MoSLinear
 from .pools import SharedPools
-from .targets import default_target_modules, find_targets
+from .targets import default_target_modules, find_targets, listed_targets
 
 __all__ = ["MoSModel", "get_mos_model"]
 
@@ -394,7 +394,10 @@ def _plan(model, config, state=None):
     changes nothing. The config returned records ranks lowered for types with too few layers
     (only for a new adapter: a saved one, `state`, must fit as saved)."""
     with _config_errors(state):
-        layouts = find_targets(model, config)
+        if state is not None and state.listed:  # its module list, never its regexes
+            layouts = listed_targets(model, state.layout)
+        else:
+            layouts = find_targets(model, config)
         misuse.check_single_paths(model, layouts)
     if state is not None:
         files.check_layouts(state, layouts)

@@ -21,7 +21,7 @@ from torch import nn
 from .base_layers import features, is_adaptable
 from .layer import MoSLinear
 
-__all__ = ["Site", "TypeLayout", "find_targets", "default_target_modules", "ALL_LINEAR"]
+__all__ = ["Site", "TypeLayout", "find_targets", "listed_targets", "default_target_modules", "ALL_LINEAR"]
 
 ALL_LINEAR = "all-linear"
 
@@ -206,6 +206,36 @@ def find_targets(model: nn.Module, config) -> dict:
     for layout in layouts.values():
         # Stable sort: ties (and paths without an index) keep their order of appearance.
         layout.sites.sort(key=lambda s: -1 if s.layer_index is None else s.layer_index)
+    return layouts
+
+
+def listed_targets(model: nn.Module, listed: dict) -> dict:
+    """{module type: TypeLayout} of exactly the modules `listed` names, as an adapter file stores
+    them ({type: {"d_in", "d_out", "modules": [path by position]}}). No pattern is evaluated, so a
+    file's regexes never run. Raises ValueError when a path is absent, not linear, inside an
+    adapted layer, listed twice or of another shape than its type's."""
+    seen, layouts = set(), {}
+    for module_type, entry in listed.items():
+        layout = layouts[module_type] = TypeLayout(module_type, entry["d_in"], entry["d_out"])
+        for path in entry["modules"]:
+            if path in seen:
+                raise ValueError(f"module {path!r} is listed twice")
+            seen.add(path)
+            parts = path.split(".")
+            try:
+                parents = [model.get_submodule(".".join(parts[:k])) for k in range(1, len(parts))]
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise ValueError(f"module type {module_type!r}: this model has no module {path!r}") from None
+            if any(isinstance(p, MoSLinear) for p in parents) or not is_adaptable(_unwrapped(module)):
+                raise ValueError(f"module type {module_type!r}: {path!r} is a {type(module).__name__} "
+                                 f"inside {type(parents[-1]).__name__ if parents else 'the model'}, not a "
+                                 f"linear layer MoS can adapt")
+            shape = features(_unwrapped(module))
+            if shape != (layout.d_in, layout.d_out):
+                raise ValueError(f"module type {module_type!r} was saved for {layout.d_in} -> {layout.d_out}, "
+                                 f"this model's {path!r} is {shape[0]} -> {shape[1]}")
+            layout.sites.append(Site(path, module, None))
     return layouts
 
 

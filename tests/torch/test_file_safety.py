@@ -1,9 +1,14 @@
 """Adapter files under hostile conditions: cast pools, umasks, names, regexes and tampered files."""
+import json
 import os
+import signal
 import stat
+import time
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mos.torch import MoSModel, get_mos_model
 from torch_helpers import llama_inputs, logits, make_llama, mos_config, randomize_pools
@@ -58,3 +63,99 @@ def test_saved_files_honour_the_umask(tmp_path, umask):
             assert mode == 0o666 & ~umask, f"{directory}/{name}: {oct(mode)}"
         mode = stat.S_IMODE(os.stat(tmp_path / directory).st_mode)
         assert mode == 0o777 & ~umask, f"{directory}: {oct(mode)}"
+
+
+# ---------------------------------------------------------------- patterns and tampering
+
+
+def _edit_config(directory, **fields):
+    path = os.path.join(directory, "adapter_config.json")
+    with open(path) as f:
+        data = json.load(f)
+    data.update(fields)  # the save id stays: the file still counts as the save's own config
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _edit_metadata(directory, key, value):
+    path = os.path.join(directory, "adapter_model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if value is None:
+        metadata.pop(key)
+    else:
+        metadata[key] = value
+    save_file(tensors, path, metadata)
+
+
+def _finishes_in_a_child(work, seconds=30.0):
+    """Runs work() in a forked child; True if it returned within `seconds` (else it is killed)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            work()
+            os._exit(0)
+        finally:
+            os._exit(1)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False
+
+
+CATASTROPHIC = r"((\w|\w)+\.?)+!"  # exponential backtracking on any dotted module path
+
+
+@pytest.mark.parametrize("fields", [dict(target_modules=CATASTROPHIC), dict(layer_pattern=CATASTROPHIC + r"(\d)"),
+                                    dict(exclude_modules=CATASTROPHIC)])
+def test_patterns_in_adapter_files_are_never_evaluated(tmp_path, fields):
+    model = _model(target_modules=r".*\.(q_proj|v_proj)")
+    model.save_pretrained(str(tmp_path))
+    _edit_config(str(tmp_path), **fields)
+    expected = logits(model, llama_inputs())
+
+    def load():
+        loaded = MoSModel.from_pretrained(make_llama(), str(tmp_path))  # the saved module list
+        torch.testing.assert_close(logits(loaded, llama_inputs()), expected, rtol=0, atol=0)
+
+    assert _finishes_in_a_child(load), "loading evaluated the file's pattern (killed after 30 s)"
+
+
+def test_pattern_without_a_module_list_is_refused(tmp_path):
+    _model(target_modules=r".*\.(q_proj|v_proj)").save_pretrained(str(tmp_path))
+    _edit_metadata(str(tmp_path), "mos_layout", None)
+    with pytest.raises(ValueError, match=r"adapter_config.json: target_modules=.* is a pattern.*never evaluated"):
+        MoSModel.from_pretrained(make_llama(), str(tmp_path))
+
+
+def _nested(depth):
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: _edit_metadata(d, "mos_layout", "[1, 2]"), "metadata 'mos_layout' must be a JSON object, got list"),
+    (lambda d: _edit_metadata(d, "mos_layout", '"q_proj"'), "metadata 'mos_layout' must be a JSON object, got str"),
+    (lambda d: _edit_metadata(d, "mos_layout", '{"q_proj": 5}'), "metadata 'mos_layout': entry 'q_proj' must be an object"),
+    (lambda d: _edit_metadata(d, "mos_layout", '{"q_proj": {"d_in": "32", "d_out": 32, "modules": []}}'),
+     r"metadata 'mos_layout': q_proj.d_in must be a positive integer"),
+    (lambda d: _edit_metadata(d, "mos_layout", _nested(100_000)), "metadata 'mos_layout' is not valid JSON .nested too deeply"),
+    (lambda d: _edit_config(d, layer_pattern=5), "adapter_config.json: layer_pattern must be a regex string"),
+    (lambda d: _edit_config(d, layer_pattern=["x"]), "adapter_config.json: layer_pattern must be a regex string"),
+    (lambda d: _edit_config(d, task_type=json.loads(_nested(300))), "adapter_config.json: task_type must be a string"),
+    (lambda d: _edit_config(d, target_modules=json.loads(_nested(300))), "adapter_config.json: target_modules: expected non-empty module names"),
+    (lambda d: open(os.path.join(d, "adapter_config.json"), "w").write('{"r": ' + _nested(100_000) + "}"),
+     "adapter_config.json: not a readable JSON file .nested too deeply"),
+])
+def test_tampered_files_raise_value_error_naming_file_and_key(tmp_path, edit, message):
+    _model().save_pretrained(str(tmp_path))
+    edit(str(tmp_path))
+    base = make_llama()
+    with pytest.raises(ValueError, match=message):
+        MoSModel.from_pretrained(base, str(tmp_path))
+    assert not any(type(m).__name__ == "MoSLinear" for m in base.modules())
