@@ -31,7 +31,10 @@ _DEFAULT_TARGETS = {
     "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"], "olmo": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
     "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"], "t5": ["q", "v"], "mt5": ["q", "v"],
-    "bert": ["query", "value"], "roberta": ["query", "value"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"], "gptj": ["q_proj", "v_proj"], "gpt_neo": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"], "falcon": ["query_key_value"],
 }
 
 

@@ -36,8 +36,26 @@ def _opt():
     return transformers.OPTForCausalLM(config)
 
 
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                                n_positions=32, bos_token_id=0, eos_token_id=0))
+
+
+def _clip():
+    # Text (32 wide) and vision (48 wide) towers: one name, two shapes, so four pools.
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=8), projection_dim=16)
+    return transformers.CLIPModel(config)
+
+
 def _inputs(kind):
     ids = llama_inputs(seq=6) % 64
+    if kind == "clip":
+        pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        return dict(input_ids=ids, pixel_values=pixels, return_loss=True)
     if kind == "t5":
         return dict(input_ids=ids, decoder_input_ids=ids, labels=ids)
     if kind == "bert":
@@ -55,7 +73,13 @@ ZOO = {
     "bert": (_bert, None, {"query": 3, "value": 3}),
     "t5": (_t5, None, {"q": 7, "v": 7}),  # encoder self, decoder self and cross attention: 6 layers
     "opt": (_opt, None, {"q_proj": 3, "v_proj": 3}),
+    "gpt2": (_gpt2, None, {"c_attn": 3}),  # Conv1D layers
+    "clip": (_clip, ["q_proj", "v_proj"], {f"{t}_{d}x{d}": 3 for t in ("q_proj", "v_proj") for d in (32, 48)}),
 }
+
+
+def _output(out):
+    return out.logits if hasattr(out, "logits") else out.logits_per_image
 
 
 def _build(kind, seed=0):
@@ -93,12 +117,12 @@ def test_default_config_works_on_every_model(kind, tmp_path):
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["rank_pattern"] == ranks
     with torch.no_grad():
-        expected = model(**inputs).logits
+        expected = _output(model(**inputs))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         loaded = MoSModel.from_pretrained(_build(kind), tmp_path / "adapter")
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, expected)
+        assert torch.equal(_output(loaded(**inputs)), expected)
 
 
 def test_trainable_count_matches_the_budget_with_lowered_ranks():

@@ -114,6 +114,9 @@ def test_from_pretrained_is_in_eval_mode_unless_trainable(tmp_path):
     loaded = MoSModel.from_pretrained(make_llama().train(), tmp_path)
     assert not loaded.training and not any(m.training for m in loaded.modules())
     assert not any(p.requires_grad for p in loaded.parameters())
+    trained = get_mos_model(make_llama().train(), mos_config(lora_dropout=0.1), adapter_name="other")
+    trained.load_adapter(str(tmp_path), "default")  # PEFT's load_adapter also switches to eval
+    assert not trained.training
     trainable = MoSModel.from_pretrained(make_llama().train(), tmp_path, is_trainable=True)
     assert trainable.training and all(m.training for m in trainable.modules())
     assert all(p.requires_grad for p in trainable.mos_pools.parameters())
