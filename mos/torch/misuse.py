@@ -77,9 +77,9 @@ def check_merge_targets(model, names) -> None:
     """Refuses to merge into a weight another module shares (a tied lm_head and input embedding):
     the merge would change that module too."""
     owners = {}
-    for path, param in model.base_model.named_parameters(remove_duplicate=False):
+    for path, param in model.get_base_model().named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(path)
-    for path, module in model.base_model.named_modules():
+    for path, module in model.get_base_model().named_modules():
         if not isinstance(module, MoSLinear) or not set(names) & set(module.adapter_names):
             continue
         shared = [p for p in owners.get(id(module.base_layer.weight), []) if p != f"{path}.base_layer.weight"]
