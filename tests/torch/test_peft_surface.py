@@ -58,6 +58,14 @@ def test_get_peft_model_state_dict_gives_the_saved_tensors(tmp_path):
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert saved.keys() == state.keys()
     assert all(torch.equal(saved[k], v.detach().cpu()) for k, v in state.items())
+    heads = get_mos_model(make_llama(), mos_config(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    heads.save_pretrained(tmp_path / "heads")
+    saved = load_file(str(tmp_path / "heads" / "adapter_model.safetensors"))
+    state = get_peft_model_state_dict(heads)
+    assert saved.keys() == state.keys() and any(k.startswith("saved:") for k in state)
+    assert all(torch.equal(saved[k], v.detach().cpu()) for k, v in state.items())
+    with pytest.raises(ValueError, match="call without state_dict"):
+        get_peft_model_state_dict(heads, state_dict=heads.state_dict())
     with pytest.raises(ValueError, match="unknown adapter 'other'"):
         get_peft_model_state_dict(model, adapter_name="other")
     with pytest.raises(TypeError, match="use peft.get_peft_model_state_dict"):
