@@ -15,6 +15,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .atomic import replace_directory, write_bytes
 from .files import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME
+from . import sharding
 from .layer import MoSLinear
 from .saved_modules import saved_tensors
 
@@ -22,7 +23,8 @@ __all__ = ["export_lora"]
 
 
 def export_lora(mos_model, save_directory: str, adapter_name: str | None = None) -> None:
-    """Writes `adapter_name` (default: the active adapter) of `mos_model` as a PEFT LoRA adapter."""
+    """Writes `adapter_name` (default: the active adapter) of `mos_model` as a PEFT LoRA adapter.
+    With pools sharded by FSDP2's fully_shard, call it on every rank: rank 0 writes."""
     name = mos_model.active_adapter if adapter_name is None else adapter_name
     if isinstance(name, list):
         raise ValueError(f"adapters {name} are active together; export_lora writes one: pass adapter_name")
@@ -30,12 +32,17 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
         raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(mos_model.peft_config)}")
     config = mos_model.peft_config[name]
     tensors, paths, rank_pattern = {}, [], {}
+    # Under FSDP2 every rank gathers the sharded pools (a collective); rank 0 writes.
+    own = dict(mos_model.mos_pools[name].items())
+    gathered, sharded = sharding.gather_pools(own)
+    whole = {id(shared): gathered[t] for t, shared in own.items()}
     with torch.no_grad():
         for module_type, entries in mos_model.adapter_paths(name).items():
             for path, layer in entries:
                 if config.rank_for(module_type) != config.r:  # PEFT matches keys as "(.*\.)?(key)$"
                     rank_pattern[re.escape(path)] = config.rank_for(module_type)
-                a, b = layer.lora_weights(name)
+                slot = layer.slot(name)
+                a, b = whole[id(slot.pools)].assembled(slot.position)
                 tensors[f"base_model.model.{path}.lora_A.weight"] = a.detach().to("cpu").contiguous()
                 tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().to("cpu").contiguous()
                 paths.append(path)
@@ -68,7 +75,10 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
 
     # PEFT reads the two files separately, so they are switched in together: a kill -9 at any
     # instant leaves the previous export or this one.
-    replace_directory(save_directory, fill)
+    if not sharded or sharding.is_writer():
+        replace_directory(save_directory, fill)
+    if sharded:
+        sharding.barrier()
 
 
 def _peft_saved_keys(tensors, adapted):

@@ -1,4 +1,5 @@
-"""Pools under FSDP2 (`torch.distributed.fsdp.fully_shard`): gathering sharded pools for files.
+"""Pools under FSDP2 (`torch.distributed.fsdp.fully_shard`): gathering sharded pools for files
+(save_pretrained and export_lora).
 
 The pools live on the MoSModel, not in any decoder layer, so `fully_shard(layer)` per layer
 leaves them to the root's `fully_shard(model)`: each pool is sharded once (rows split across
@@ -34,13 +35,20 @@ def _full(tensor):
 
 @dataclass
 class GatheredPools:
-    """What the adapter file writer reads of a SharedPools, with every tensor whole."""
+    """What the adapter file writers read of a SharedPools, with every tensor whole."""
     pool_a: torch.Tensor
     pool_b: torch.Tensor
     index_a: torch.Tensor
     index_b: torch.Tensor
     d_in: int
     d_out: int
+    rank: int
+
+    def assembled(self, position: int):
+        """(A, B) of the layer at `position`: (r, d_in) and (d_out, r), as SharedPools.assembled."""
+        a = self.pool_a.index_select(0, self.index_a[position].long()).reshape(self.rank, self.d_in)
+        bt = self.pool_b.index_select(0, self.index_b[position].long()).reshape(self.rank, self.d_out)
+        return a, bt.T
 
 
 def gather_pools(pools: dict) -> tuple[dict, bool]:
@@ -55,7 +63,7 @@ def gather_pools(pools: dict) -> tuple[dict, bool]:
         with torch.no_grad():
             gathered[module_type] = GatheredPools(_full(shared.pool_a), _full(shared.pool_b),
                                                   _full(shared.index_a), _full(shared.index_b),
-                                                  shared.d_in, shared.d_out)
+                                                  shared.d_in, shared.d_out, shared.rank)
     return gathered, sharded
 
 

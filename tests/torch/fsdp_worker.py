@@ -1,6 +1,7 @@
 """The FSDP2 test's model, data and worker: a small Llama with fully_shard per decoder layer and on
-the root, AdamW on each rank's half of every global batch, then a gathered save_pretrained and a
-torch.distributed.checkpoint save (kept free of pytest so spawned processes start fast)."""
+the root, AdamW on each rank's half of every global batch, then a gathered save_pretrained and
+export_lora and a torch.distributed.checkpoint save (kept free of pytest so spawned processes
+start fast)."""
 import os
 
 import torch
@@ -61,6 +62,7 @@ def worker(rank, port, out_dir):
         pools = {k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone()
                  for k, v in model.mos_pools.state_dict().items()}
         model.save_pretrained(os.path.join(out_dir, "adapter"))  # every rank: gathers, rank 0 writes
+        model.export_lora(os.path.join(out_dir, "lora"))  # the same, as a plain PEFT LoRA adapter
         dcp.save(model.mos_pools.state_dict(), checkpoint_id=os.path.join(out_dir, "dcp"))
         if rank == 0:
             torch.save({"pools": pools, "layout": layout}, os.path.join(out_dir, "result.pt"))

@@ -88,3 +88,14 @@ def test_exports_match_peft(tiny_llama, tmp_path):
     model = get_mos_model(tiny_llama, mos_config())
     randomize_pools(model)
     assert_exports_match_peft(model, tmp_path)
+
+
+def test_assertions_on_the_gpt2_fixture(tiny_gpt2, tmp_path):
+    model = get_mos_model(tiny_gpt2, mos_config())  # Conv1D layers, weights stored (d_in, d_out)
+    assert set(model.adapter_paths("default")) >= {"c_attn", "c_fc"}
+    assert_no_op_at_init(model)
+    assert_only_adapter_trainable(model)
+    randomize_pools(model)
+    with pytest.raises(AssertionError, match="changes the outputs at init"):
+        assert_no_op_at_init(model)
+    assert_exports_match_peft(model, tmp_path)

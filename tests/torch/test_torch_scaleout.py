@@ -111,6 +111,12 @@ def test_fsdp2_two_processes_equal_single_process_and_save_loads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, single(ids).logits, rtol=1e-4, atol=1e-5)
 
+    # The gathered export_lora loads in PEFT and gives the single-process model's outputs.
+    peft = pytest.importorskip("peft")
+    lora = peft.PeftModel.from_pretrained(fsdp_worker.make_llama(), str(tmp_path / "lora")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(ids).logits, single.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_a_pool_still_sharded_is_refused_not_read(tmp_path):
