@@ -6,7 +6,9 @@ the scales given. Printed: max |logits| differences over one batch between
   adapter  - base      (how much the adapter does)
   merged   - adapter   (what merging's requantization costs; MoS merge_adapter)
   unmerged - adapter   (after unmerge_adapter: the base rounded twice)
-  peft     - adapter   (the same update exported with export_lora, merged by PEFT's merge_and_unload)
+  peft     - adapter   (the same update exported with export_lora, merged by PEFT's merge_and_unload,
+                       after a forward, and before any forward: bitsandbytes repacks 4-bit weights for
+                       its AVX512-BF16 CPU kernel on the first eval forward)
 
     .venv/bin/python benchmarks/quantized_merge.py
 """
@@ -52,11 +54,14 @@ def measure(directory, kind, scale, work):
     lora = peft.PeftModel.from_pretrained(quantized(directory, kind), os.path.join(work, f"lora-{kind}-{scale}"))
     peft_adapter_out = logits(lora, ids)
     peft_merged_out = logits(lora.merge_and_unload(), ids)
+    fresh = peft.PeftModel.from_pretrained(quantized(directory, kind), os.path.join(work, f"lora-{kind}-{scale}"))
+    peft_merged_first_out = logits(fresh.merge_and_unload(), ids)
     return {"adapter - base": (adapter_out - base_out).abs().max().item(),
             "merged - adapter": (merged_out - adapter_out).abs().max().item(),
             "unmerged - adapter": (unmerged_out - adapter_out).abs().max().item(),
             "peft unmerged - adapter": (peft_adapter_out - adapter_out).abs().max().item(),
-            "peft merged - adapter": (peft_merged_out - adapter_out).abs().max().item()}
+            "peft merged - adapter": (peft_merged_out - adapter_out).abs().max().item(),
+            "peft merged before any forward - adapter": (peft_merged_first_out - adapter_out).abs().max().item()}
 
 
 def main():
