@@ -22,8 +22,8 @@ from torch import nn
 from .files import SAVED_PREFIX
 
 __all__ = ["ModulesToSaveWrapper", "SavedPlan", "plan_saved", "install_saved", "saved_tensors",
-           "load_saved", "with_task_heads", "remove_saved", "unload_saved", "set_saved_adapter",
-           "saved_parameters"]
+           "load_saved", "copy_saved", "with_task_heads", "remove_saved", "unload_saved",
+           "set_saved_adapter", "saved_parameters", "check_mixed_batch"]
 
 # Classification heads PEFT adds to modules_to_save for task_type="SEQ_CLS" / "TOKEN_CLS".
 _HEAD_NAMES = ("classifier", "score")
@@ -152,6 +152,16 @@ def set_saved_adapter(model: nn.Module, adapter_name, disabled: bool | None = No
         wrapper.active_adapter = adapter_name
         if disabled is not None:
             wrapper.disable_adapters = disabled
+
+
+def check_mixed_batch(model: nn.Module) -> None:
+    """Refuses a mixed-adapter batch (adapter_names=[...]) on a model with modules_to_save: the
+    wrappers run one adapter's copy for the whole batch, which would be wrong for the other rows."""
+    wrapped = [path for path, _ in _wrappers(model)]
+    if wrapped:
+        raise ValueError(f"adapter_names=[...] runs each sample with its own adapter, but {wrapped[0]!r} is a "
+                         f"module_to_save, which runs one adapter's copy for the whole batch; call the model "
+                         f"once per adapter (set_adapter) instead")
 
 
 def saved_parameters(model: nn.Module, adapter_name: str, plan: SavedPlan) -> list:

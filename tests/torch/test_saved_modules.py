@@ -158,3 +158,9 @@ def test_adapters_with_modules_to_save_cannot_be_active_together():
     model.set_adapter("other")
     head = model.base_model.classifier
     assert head.active_adapter == "other" and sorted(head.modules_to_save) == ["default", "other"]
+
+
+def test_mixed_adapter_batches_refuse_modules_to_save():
+    model = get_mos_model(_bert(), _bert_config(task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="'classifier' is a module_to_save, which runs one adapter's copy"):
+        model(input_ids=IDS, adapter_names=["default"] * 4)
