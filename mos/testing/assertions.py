@@ -12,6 +12,8 @@ __all__ = ["assert_adapter_close", "assert_no_op_at_init", "assert_exports_match
 
 def _adapter_name(model, adapter_name):
     name = model.active_adapter if adapter_name is None else adapter_name
+    if isinstance(name, list):
+        raise ValueError(f"adapters {name} are active together; pass adapter_name= to check one")
     if name not in model.peft_config:
         raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(model.peft_config)}")
     return name

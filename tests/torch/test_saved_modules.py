@@ -5,6 +5,7 @@ import torch
 import transformers
 
 import mos
+from mos.testing.assertions import assert_exports_match_peft
 from mos.torch import MoSModel, get_mos_model
 from mos.torch.saved_modules import ModulesToSaveWrapper
 from mos.torch.trainer import restore_pools
@@ -138,6 +139,10 @@ def test_several_active_adapters_add_up_as_in_peft(tmp_path):
     lora.load_adapter(str(tmp_path / "other"), adapter_name="other")
     lora.base_model.set_adapter(["default", "other"])
     torch.testing.assert_close(logits(lora, ids), expected, rtol=0, atol=1e-5)
+
+    with pytest.raises(ValueError, match=r"adapters \['default', 'other'\] are active together"):
+        assert_exports_match_peft(model, tmp_path / "check")
+    assert_exports_match_peft(model, tmp_path / "check", adapter_name="other")
 
     model.merge_adapter()  # merges every active adapter
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
