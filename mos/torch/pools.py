@@ -7,7 +7,7 @@ from torch import nn
 
 from ..pool import ShardPool
 
-__all__ = ["SharedPools", "torch_dtype"]
+__all__ = ["SharedPools", "assemble_layer", "torch_dtype"]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -56,11 +56,17 @@ class SharedPools(nn.Module):
 
     def assembled(self, position: int):
         """(A, B) of the layer at `position`: (r, d_in) and (d_out, r), differentiable in the pools."""
-        a = self.pool_a.index_select(0, self.index_a[position].long()).reshape(self.rank, self.d_in)
-        bt = self.pool_b.index_select(0, self.index_b[position].long()).reshape(self.rank, self.d_out)
-        return a, bt.T
+        return assemble_layer(self, position)
 
     def extra_repr(self) -> str:
         c = self.shard_pool.config
         return (f"{self.shard_pool.name}: pool_a={tuple(self.pool_a.shape)}, pool_b={tuple(self.pool_b.shape)}, "
                 f"n_layers={self.n_layers}, r={self.rank}, l={c.shards_per_vector}, p={c.private_rank}")
+
+
+def assemble_layer(pools, position: int):
+    """(A, B) of the layer at `position` of anything holding pool_a/pool_b, the index tables, rank,
+    d_in and d_out (SharedPools, or its gathered copy under FSDP2): (r, d_in) and (d_out, r)."""
+    a = pools.pool_a.index_select(0, pools.index_a[position].long()).reshape(pools.rank, pools.d_in)
+    bt = pools.pool_b.index_select(0, pools.index_b[position].long()).reshape(pools.rank, pools.d_out)
+    return a, bt.T

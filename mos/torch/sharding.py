@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .pools import assemble_layer
+
 __all__ = ["GatheredPools", "gather_pools", "is_sharded", "is_writer", "barrier"]
 
 
@@ -46,9 +48,7 @@ class GatheredPools:
 
     def assembled(self, position: int):
         """(A, B) of the layer at `position`: (r, d_in) and (d_out, r), as SharedPools.assembled."""
-        a = self.pool_a.index_select(0, self.index_a[position].long()).reshape(self.rank, self.d_in)
-        bt = self.pool_b.index_select(0, self.index_b[position].long()).reshape(self.rank, self.d_out)
-        return a, bt.T
+        return assemble_layer(self, position)
 
 
 def gather_pools(pools: dict) -> tuple[dict, bool]:
