@@ -87,12 +87,16 @@ class MoSModel(nn.Module):
             return getattr(self._modules["base_model"], name)
 
     # ------------------------------------------------------------------ running
-    def forward(self, *args, adapter_names=None, **kwargs):
+    def forward(self, *args, adapter_names=None, labels=None, **kwargs):
         """Runs the base model with the active adapter; arguments are the base model's forward's.
 
         adapter_names: None (every sample uses the active adapter) or a list with one adapter
         name per sample of the batch, "__base__" for a sample that should run on the base model
-        alone (PEFT's mixed-batch API; inference only, see docs/serving.md)."""
+        alone (PEFT's mixed-batch API; inference only, see docs/serving.md).
+        labels: passed on to the base model. It is named here because transformers.Trainer reads
+        label names from the class's forward signature, and computes evaluation losses only then."""
+        if labels is not None:
+            kwargs["labels"] = labels
         if adapter_names is not None:  # one adapter per sample, "__base__" for none (serving.py)
             from .serving import mixed_batch
             saved_modules.check_mixed_batch(self.get_base_model())

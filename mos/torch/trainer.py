@@ -31,6 +31,15 @@ _TRAINING_ARGS_NAME = "training_args.bin"  # what transformers.Trainer._save wri
 class MoSTrainer(transformers.Trainer):
     """transformers.Trainer for a MoSModel: checkpoints and save_model() hold the adapter only."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self._mos_model()
+        if model is not None and self.args.label_names is None:
+            # Trainer reads label names from the model's class; the base model's class knows them.
+            base_class = model.get_base_model().__class__
+            self.label_names = transformers.utils.find_labels(base_class)
+            self.can_return_loss = transformers.utils.can_return_loss(base_class)
+
     def _mos_model(self):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         return model if isinstance(model, MoSModel) else None

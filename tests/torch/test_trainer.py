@@ -62,6 +62,7 @@ def test_plain_trainer_with_default_arguments_trains(tmp_path):
     after = _pools(model)
     assert any(not torch.equal(after[k], pools_before[k]) for k in after if "pool_b" in k)
     assert all(torch.equal(v, model.get_base_model().state_dict()[k]) for k, v in base_before.items())
+    assert torch.isfinite(torch.tensor(trainer.evaluate(TokenRows(n=4))["eval_loss"]))  # labels found
 
 
 def test_mos_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
@@ -130,3 +131,17 @@ def test_plain_trainer_output_is_refused_by_from_pretrained_with_a_pointer(tmp_p
     with pytest.raises(FileNotFoundError, match="MoSTrainer"):
         MoSModel.from_pretrained(make_llama(), str(tmp_path / "plain"))
     assert mos.MoSTrainer is MoSTrainer
+
+
+def test_mos_trainer_loads_the_best_adapter_at_end(tmp_path):
+    model = _model()
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                 metric_for_best_model="loss", save_total_limit=None)
+    trainer = MoSTrainer(model=model, args=args, train_dataset=TokenRows(), eval_dataset=TokenRows(n=4))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and os.path.isfile(os.path.join(best, "adapter_model.safetensors"))
+    saved = load_file(os.path.join(best, "adapter_model.safetensors"))
+    for key, value in saved.items():
+        module_type, name = key.split(".")
+        assert torch.equal(getattr(model.mos_pools["default"][module_type], name).detach().cpu(), value)
