@@ -134,7 +134,7 @@ def section(fuzz, n, seconds, workers, command):
         "",
         "Each case makes one call to one of the "
         f"{len(fc.ENTRY_POINTS)} entry points of `mos.functional` and `mos._C` "
-        "(`tests/fuzz_cases.py`, the same cases `tests/test_fuzz.py` draws through hypothesis). "
+        "(`tests/fuzz_cases.py`, the generator `tests/test_fuzz.py` also drives through hypothesis). "
         "A valid call must match a float64 NumPy reference; a call with one defect (wrong type, "
         "dimension, dtype, shape, stride, read-only output, out-of-range or repeated index, "
         "non-finite or overflowing scale, zero columns, overlap, missing or unknown argument, or a "

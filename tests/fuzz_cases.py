@@ -1,7 +1,7 @@
 """Differential fuzz of every mos.functional and mos._C entry point, one call per case.
 
 A case is drawn through a `Draw` (hypothesis in tests/fuzz_entry_points.py, a seeded PRNG in
-benchmarks/fuzz.py, so both run the same cases). It is either valid, and then every output must
+benchmarks/fuzz.py; both draw from this one generator). It is either valid, and then every output must
 match a float64 NumPy reference, or it carries one defect, and then the call must raise a
 TypeError, ValueError or BufferError whose message names the defective argument, and no array
 of the call may change. `run_case` returns an Outcome: "ok", "wrong" (a wrong result, a defect
@@ -156,12 +156,18 @@ def c_assemble(p, d):
                 expect_arrays(lambda res, kw: [("rows", kw["rows"], want)], p.dtype))
 
 
-def c_scatter_add(p, d):
+def _scatter_inputs(p, d):
+    """(pool, rows, index, the pool after pool[index] += rows in float64)."""
     index = p.index(d.int(0, p.n_shards))
     pool = p.normal(p.n_shards, p.sla)
     rows = p.normal(len(index), p.sla)
     want = pool.astype(np.float64)
     want[index] += rows
+    return pool, rows, index, want
+
+
+def c_scatter_add(p, d):
+    pool, rows, index, want = _scatter_inputs(p, d)
     return Case("_C.scatter_add", _C.scatter_add, dict(pool=pool, rows=rows, index=index),
                 expect_arrays(lambda res, kw: [("pool", kw["pool"], want)], p.dtype))
 
@@ -368,11 +374,7 @@ def f_assemble(p, d):
 
 
 def f_scatter_add(p, d):
-    index = p.index(d.int(0, p.n_shards))
-    pool = p.normal(p.n_shards, p.sla)
-    rows = p.normal(len(index), p.sla)
-    want = pool.astype(np.float64)
-    want[index] += rows
+    pool, rows, index, want = _scatter_inputs(p, d)
     return Case("F.scatter_add", F.scatter_add, dict(pool_grad=pool, rows=rows, index=index),
                 expect_arrays(lambda res, kw: [("pool_grad", kw["pool_grad"], want),
                                                ("result", res, want)], p.dtype))
