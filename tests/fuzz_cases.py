@@ -25,6 +25,11 @@ import reference as ref
 
 from dlpack_producer import DL_CPU, DL_CUDA, Producer
 
+try:
+    import torch
+except ImportError:  # the NumPy-only install: the torch variant of valid cases is skipped
+    torch = None
+
 ALLOWED = (TypeError, ValueError, BufferError)
 
 
@@ -743,13 +748,20 @@ def draw_case(d, valid_share=0.35):
     builder = d.choice(BUILDERS)
     case = builder(p, d)
     if d.int(0, 999) < valid_share * 1000:
-        return case
+        return _as_torch(case) if torch is not None and d.int(0, 3) == 0 else case
     defects = _defects(case, p)
     if not defects:
         return case
     kind = d.choice(sorted({k for k, _ in defects}))
     options = [build for k, build in defects if k == kind]
     return d.choice(options)()
+
+
+def _as_torch(case):
+    """The valid case with every array handed over as a torch tensor sharing its memory, so the
+    DLPack import of a real producer and mos.functional's torch paths are exercised too."""
+    kwargs = {k: torch.from_numpy(v) if _is_array(v) else v for k, v in case.kwargs.items()}
+    return Case(case.entry, case.function, kwargs, case.expect)
 
 
 def _snapshot(kwargs):
@@ -788,6 +800,7 @@ def run_case(case) -> Outcome:
 
 def describe(outcome: Outcome) -> str:
     case = outcome.case
-    shapes = {k: (getattr(v, "shape", None) if _is_array(v) else type(v).__name__) for k, v in case.kwargs.items()}
+    shapes = {k: (tuple(v.shape) if hasattr(v, "shape") and hasattr(v, "dtype") else type(v).__name__)
+              for k, v in case.kwargs.items()}
     return (f"{case.entry} [{case.defect or 'valid'}]: {outcome.detail}"
             f"{' -- ' + outcome.error if outcome.error else ''} | {shapes}")

@@ -24,6 +24,10 @@ def test_the_cases_reach_every_entry_point_and_every_kind_of_defect():
         case = fc.draw_case(fc.RandomDraw(seed))
         entries.add((case.entry, bool(case.defect)))
         kinds.add(case.defect.split()[0] if case.defect else "valid")
+        if any(type(v).__module__ == "torch" for v in case.kwargs.values()):
+            kinds.add("torch")
+    if fc.torch is not None:
+        assert "torch" in kinds
     assert {e for e, _ in entries} == set(fc.ENTRY_POINTS)
     assert all((e, True) in entries for e in fc.ENTRY_POINTS)
     assert kinds >= {"valid", "type", "none", "ndim", "dtype", "strided", "readonly", "shape", "range",
