@@ -114,10 +114,9 @@ static int check_adapter_inputs(linear_views *views, mos_linear_params *p, int64
     mos_view *all[] = {pa, ia, pb, ib};
     for (int i = 0; i < 4; ++i)
         if (mos_require_same_device(all[i], x) < 0) return -1;
+    const mos_view *out = views->v[V_Y].owner ? &views->v[V_Y] : &views->v[V_DY];  /* gives d_out */
     const int64_t d_in = x->shape[1], sla = pa->shape[1], slb = pb->shape[1];
-    if (check_features(x, d_in, "d_in") < 0 || check_features(views->v[V_Y].owner ? &views->v[V_Y]
-                                                              : &views->v[V_DY], d_out, "d_out") < 0)
-        return -1;
+    if (check_features(x, d_in, "d_in") < 0 || check_features(out, d_out, "d_out") < 0) return -1;
     if (sla < 1 || d_in % sla != 0) {
         PyErr_Format(PyExc_ValueError,
                      "pool_a: shard length %lld must divide x's d_in = %lld", (long long)sla,
@@ -125,8 +124,7 @@ static int check_adapter_inputs(linear_views *views, mos_linear_params *p, int64
         return -1;
     }
     const int64_t l = d_in / sla;
-    if (check_d_out(views->v[V_Y].owner ? &views->v[V_Y] : &views->v[V_DY], pb, d_out, l) < 0)
-        return -1;
+    if (check_d_out(out, pb, d_out, l) < 0) return -1;
     const int64_t rl = ia->shape[0];
     if (rl < 1 || rl % l != 0) {
         PyErr_Format(PyExc_ValueError, "index_a: length %lld must be a positive multiple of "
