@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mos.torch import MoSModel, get_mos_model
-from torch_helpers import llama_inputs, logits, make_llama, mos_config, randomize_pools
+from torch_helpers import llama_inputs, logits, make_llama, mos_config, randomize_pools, rewrite_config
 
 
 def _model(**overrides):
@@ -68,15 +68,6 @@ def test_saved_files_honour_the_umask(tmp_path, umask):
 # ---------------------------------------------------------------- patterns and tampering
 
 
-def _edit_config(directory, **fields):
-    path = os.path.join(directory, "adapter_config.json")
-    with open(path) as f:
-        data = json.load(f)
-    data.update(fields)  # the save id stays: the file still counts as the save's own config
-    with open(path, "w") as f:
-        json.dump(data, f)
-
-
 def _edit_metadata(directory, key, value):
     path = os.path.join(directory, "adapter_model.safetensors")
     with safe_open(path, framework="pt") as f:
@@ -117,7 +108,7 @@ CATASTROPHIC = r"((\w|\w)+\.?)+!"  # exponential backtracking on any dotted modu
 def test_patterns_in_adapter_files_are_never_evaluated(tmp_path, fields):
     model = _model(target_modules=r".*\.(q_proj|v_proj)")
     model.save_pretrained(str(tmp_path))
-    _edit_config(str(tmp_path), **fields)
+    rewrite_config(str(tmp_path), **fields)
     expected = logits(model, llama_inputs())
 
     def load():
@@ -145,10 +136,10 @@ def _nested(depth):
     (lambda d: _edit_metadata(d, "mos_layout", '{"q_proj": {"d_in": "32", "d_out": 32, "modules": []}}'),
      r"metadata 'mos_layout': q_proj.d_in must be a positive integer"),
     (lambda d: _edit_metadata(d, "mos_layout", _nested(100_000)), "metadata 'mos_layout' is not valid JSON .nested too deeply"),
-    (lambda d: _edit_config(d, layer_pattern=5), "adapter_config.json: layer_pattern must be a regex string"),
-    (lambda d: _edit_config(d, layer_pattern=["x"]), "adapter_config.json: layer_pattern must be a regex string"),
-    (lambda d: _edit_config(d, task_type=json.loads(_nested(300))), "adapter_config.json: task_type must be a string"),
-    (lambda d: _edit_config(d, target_modules=json.loads(_nested(300))), "adapter_config.json: target_modules: expected non-empty module names"),
+    (lambda d: rewrite_config(d, layer_pattern=5), "adapter_config.json: layer_pattern must be a regex string"),
+    (lambda d: rewrite_config(d, layer_pattern=["x"]), "adapter_config.json: layer_pattern must be a regex string"),
+    (lambda d: rewrite_config(d, task_type=json.loads(_nested(300))), "adapter_config.json: task_type must be a string"),
+    (lambda d: rewrite_config(d, target_modules=json.loads(_nested(300))), "adapter_config.json: target_modules: expected non-empty module names"),
     (lambda d: open(os.path.join(d, "adapter_config.json"), "w").write('{"r": ' + _nested(100_000) + "}"),
      "adapter_config.json: not a readable JSON file .nested too deeply"),
 ])

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mos.torch import MoSLinear, MoSModel, get_mos_model
-from torch_helpers import llama_inputs, logits, make_llama, mos_config, plain_state, randomize_pools
+from torch_helpers import llama_inputs, logits, make_llama, mos_config, plain_state, randomize_pools, rewrite_config
 
 
 @pytest.fixture
@@ -103,25 +103,16 @@ def _rewrite(directory, change):
     save_file(tensors, path, {"format": "pt"})
 
 
-def _rewrite_config(directory, **fields):
-    path = os.path.join(directory, "adapter_config.json")
-    with open(path) as f:
-        data = json.load(f)
-    data.update(fields)
-    with open(path, "w") as f:
-        json.dump(data, f)
-
-
 @pytest.mark.parametrize("corrupt,message", [
     (lambda d: open(os.path.join(d, "adapter_model.safetensors"), "r+b").truncate(100),
      "not a readable safetensors file"),
     (lambda d: open(os.path.join(d, "adapter_config.json"), "w").write("{not json"), "not a readable JSON"),
-    (lambda d: _rewrite_config(d, r="four"), "r must be an integer"),
-    (lambda d: _rewrite_config(d, rank=4), "unknown MoSConfig fields: rank"),
-    (lambda d: _rewrite_config(d, peft_type="LORA"), "not a MoS adapter"),
-    (lambda d: _rewrite_config(d, r=2), "key 'q_proj.index_a': shape"),
-    (lambda d: _rewrite_config(d, target_modules=["q_proj", "lm_head"]), r"saved for module types \[.*\], target_modules matches \['lm_head', 'q_proj'\]"),
-    (lambda d: _rewrite_config(d, pool_dtype="float64"), r"key '\w+\.pool_a' has dtype torch.float32, the config says pool_dtype='float64'"),
+    (lambda d: rewrite_config(d, r="four"), "r must be an integer"),
+    (lambda d: rewrite_config(d, rank=4), "unknown MoSConfig fields: rank"),
+    (lambda d: rewrite_config(d, peft_type="LORA"), "not a MoS adapter"),
+    (lambda d: rewrite_config(d, r=2), "key 'q_proj.index_a': shape"),
+    (lambda d: rewrite_config(d, target_modules=["q_proj", "lm_head"]), r"saved for module types \[.*\], target_modules matches \['lm_head', 'q_proj'\]"),
+    (lambda d: rewrite_config(d, pool_dtype="float64"), r"key '\w+\.pool_a' has dtype torch.float32, the config says pool_dtype='float64'"),
     (lambda d: _rewrite(d, lambda t: t.pop("v_proj.pool_b")), "missing key 'v_proj.pool_b'"),
     (lambda d: _rewrite(d, lambda t: t.update({"extra.pool_a": torch.zeros(1)})), "unexpected key 'extra.pool_a'"),
     (lambda d: _rewrite(d, lambda t: t.update({"k_proj.pool_a": t["k_proj.pool_a"][:-1].clone()})),

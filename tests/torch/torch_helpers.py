@@ -1,4 +1,7 @@
 """Helpers shared by the torch tests: tiny real transformers models, configs and a float64 reference."""
+import json
+import os
+
 import numpy as np
 import torch
 
@@ -76,3 +79,14 @@ def reference_grads(dy, x, pool_a, index_a, pool_b, index_b, scale):
 
 def to_numpy(t):
     return t.detach().cpu().double().numpy()
+
+
+def rewrite_config(directory, **fields):
+    """Changes fields of a saved adapter_config.json in place (its save id stays, so the file still
+    counts as that save's own config)."""
+    path = os.path.join(directory, "adapter_config.json")
+    with open(path) as f:
+        data = json.load(f)
+    data.update(fields)
+    with open(path, "w") as f:
+        json.dump(data, f)
