@@ -53,6 +53,10 @@ class MoSModel(nn.Module):
         self._saved_plans = {}  # adapter -> saved_modules.SavedPlan (modules_to_save, biases)
         self._expose_forward_signature()
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._expose_forward_signature()  # pickling keeps only the class's forward
+
     def _expose_forward_signature(self):
         """Gives this instance's forward the base model's parameters (plus adapter_names) as its
         signature. transformers.Trainer keeps only the dataset columns that

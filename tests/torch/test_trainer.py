@@ -1,5 +1,6 @@
 """transformers.Trainer with its default TrainingArguments on a MoSModel (tiny Llama, CPU, few steps)."""
 import os
+import pickle
 
 import pytest
 import torch
@@ -49,6 +50,8 @@ def test_forward_signature_is_the_base_models_plus_adapter_names():
     names = list(inspect.signature(model.forward).parameters)
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "labels" in names
     assert "adapter_names" in names and "adapter_names" in MoSModel.forward.__doc__
+    clone = pickle.loads(pickle.dumps(model))  # torch.save of a whole model pickles it
+    assert list(inspect.signature(clone.forward).parameters) == names
 
 
 def test_plain_trainer_with_default_arguments_trains(tmp_path):
