@@ -110,7 +110,7 @@ def peer(key: str, big: bool) -> str:
 
 
 # --------------------------------------------------------------------------------------------- running
-def run_depth(study: Study, depth: int, outer, fresh: bool) -> dict:
+def run_depth(study: Study, depth: int, outer, fresh: bool, only: set | None = None) -> dict:
     """Pretrains (or loads) the base of this depth and runs every method on it; resumes from the cache."""
     shape, profile = study.shape(depth), study.profile
     base, meta = quality.base_model(shape, profile, study.device)
@@ -126,10 +126,12 @@ def run_depth(study: Study, depth: int, outer, fresh: bool) -> dict:
     base_fp = quality.fingerprint(dataclasses.asdict(profile), dataclasses.asdict(shape), study.device)
     results = {}
     for method in depth_methods(shape):
+        if only is not None and method.key not in only:
+            continue
         runs = len(quality.lr_grid(method, profile)) + profile.seeds - 1
         fp = quality.fingerprint(base_fp, method.key, method.spec, method.lrs, method.label)
         if fp in done:
-            results[method.key] = done[fp]
+            results[method.key] = dict(done[fp], cached=True)
             outer.update(runs)
             continue
         t0 = time.perf_counter()
@@ -262,18 +264,21 @@ def depth_table(d: dict) -> str:
     return "\n".join(lines)
 
 
-def section(study: Study, per_depth: list[dict], command: str, wall_s: float, png: str) -> str:
+def section(study: Study, per_depth: list[dict], command: str, wall_s: float, png: str, run_note: str = "") -> str:
     p = study.profile
     shape = ModelShape(**per_depth[0]["shape"])
     pretrain = sum(d["meta"]["pretrain_seconds"] for d in per_depth)
     runs = sum(res.get("wall_s", 0.0) for d in per_depth for res in d["results"].values())
+    cached = sum(bool(res.get("cached")) for d in per_depth for res in d["results"].values())
+    total = sum(len(d["results"]) for d in per_depth)
+    reused = f", {cached} of its {total} methods read from the cache of earlier runs" if cached else ""
     lines = [
         f"## Does MoS's edge over LoRA grow with depth? (`depth_study`, {study.name})",
         "",
         f"Command: `{command}` — {runs / 60:.1f} min of fine-tuning and evaluation plus {pretrain / 60:.1f} min "
-        f"pretraining the {len(per_depth)} bases (cached afterwards); this invocation took {wall_s / 60:.1f} min "
+        f"pretraining the {len(per_depth)} bases (cached afterwards); this invocation took {wall_s / 60:.1f} min{reused} "
         f"on {quality.machine()}" + (" (a shared machine: other jobs ran beside it)" if study.device == "cpu" else "")
-        + f"; code at `{quality.code_version()}`.",
+        + f"; code at `{quality.code_version()}`." + (f" {run_note}" if run_note else ""),
         "",
         f"Bases: byte-level Llama, hidden {shape.hidden_size}, intermediate {shape.intermediate_size}, "
         f"{shape.num_attention_heads} heads, context {shape.seq_len}, at depths {', '.join(map(str, study.depths))}; "
@@ -312,8 +317,10 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny configuration for CI (2 depths, few steps)")
     parser.add_argument("--depths", help="comma-separated subset of the depths (no RESULTS.md update)")
     parser.add_argument("--threads", type=int, default=1, help="torch and OpenBLAS threads (default 1)")
+    parser.add_argument("--methods", help="comma-separated method keys to run (no RESULTS.md update)")
     parser.add_argument("--fresh", action="store_true", help="ignore methods cached by an earlier run")
     parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md or the plot")
+    parser.add_argument("--run-note", default="", help="a sentence added to the section (how the run went)")
     parser.add_argument("--out", help="directory for the plot and section.md when RESULTS.md is not updated")
     args = parser.parse_args(argv)
     if args.smoke and args.device != "cpu":
@@ -331,6 +338,12 @@ def main(argv=None):
         study = dataclasses.replace(study, depths=tuple(sorted(depths)))
     if study.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
+    only = None
+    if args.methods:
+        only = set(args.methods.split(","))
+        known = {f"lora{r}" for r in LORA_RANKS} | set(MOS_VARIANTS)
+        if not only <= known:
+            parser.error(f"--methods: unknown key(s) {sorted(only - known)}; known: {sorted(known)}")
     ok, why = quality.mos_available()
     if not ok:
         parser.error(f"the study needs mos.torch: {why}")
@@ -345,11 +358,12 @@ def main(argv=None):
     os.makedirs(quality.CACHE, exist_ok=True)
     start = time.perf_counter()
     p = study.profile
-    total = len(study.depths) * (len(LORA_RANKS) + len(MOS_VARIANTS)) * (min(p.n_lrs, 3) + p.seeds - 1)
+    n_methods = len(only) if only else len(LORA_RANKS) + len(MOS_VARIANTS)
+    total = len(study.depths) * n_methods * (min(p.n_lrs, 3) + p.seeds - 1)
     per_depth = []
     with tqdm(total=total, desc="runs", mininterval=5, dynamic_ncols=True) as outer:
         for depth in study.depths:
-            per_depth.append(run_depth(study, depth, outer, args.fresh or args.smoke))
+            per_depth.append(run_depth(study, depth, outer, args.fresh or args.smoke, only))
     wall = time.perf_counter() - start
 
     for d in per_depth:
@@ -361,6 +375,9 @@ def main(argv=None):
 
     command = "python benchmarks/depth_study.py" + (" --smoke" if args.smoke else "") + \
         (" --device cuda" if study.device == "cuda" else "") + (f" --threads {args.threads}" if args.threads != 1 else "")
+    if only is not None:  # a partial run: the tables and verdicts need every method
+        print(f"\nran {sorted(only)}; wall time: {wall / 60:.1f} min")
+        return
     write_results = not (args.no_results or args.smoke or args.depths)
     name = "depth_study" if study.name == "cpu" else f"depth_study_{study.name}"
     out_dir = HERE if write_results else (args.out or os.path.join(quality.CACHE, f"depth-{study.name}"))
@@ -369,7 +386,7 @@ def main(argv=None):
     plot(per_depth, png, f"{study.name}: width {study.width}, {p.steps} steps/run, {p.seeds} seeds, "
                           f"{p.n_lrs} lr(s)/method")
     print("plot:", png)
-    text = section(study, per_depth, command, wall, f"{name}.png")
+    text = section(study, per_depth, command, wall, f"{name}.png", args.run_note)
     if write_results:
         from results_md import write_section
 

@@ -364,7 +364,15 @@ def run(args) -> int:
     print(f"(eval loss: mean next-byte cross-entropy in nats on held-out files, "
           f"ln({tokenizer.vocab_size}) = {math.log(tokenizer.vocab_size):.2f} is chance; "
           f"time/step: median wall time of one training step; total {time.perf_counter() - started:.0f} s)")
+    print(verdict_pointer(args.steps))
     return 0
+
+
+def verdict_pointer(steps: int) -> str:
+    """Where the measured verdicts are: this table is one seed and one learning rate on a random base."""
+    return (f"This {steps}-step table is a demo, not the method's verdict: see benchmarks/RESULTS.md, section "
+            f"'quality' (python benchmarks/quality.py: MoS vs LoRA and peers, lr search, 3 seeds) and section "
+            f"'depth_study' (python benchmarks/depth_study.py: does MoS's edge over LoRA grow with depth?).")
 
 
 def summary(rows, args) -> str:
