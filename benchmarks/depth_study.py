@@ -110,8 +110,10 @@ def peer(key: str, big: bool) -> str:
 
 
 # --------------------------------------------------------------------------------------------- running
-def run_depth(study: Study, depth: int, outer, fresh: bool, only: set | None = None) -> dict:
-    """Pretrains (or loads) the base of this depth and runs every method on it; resumes from the cache."""
+def run_depth(study: Study, depth: int, outer, fresh: bool, only: set | None = None,
+              cached_only: bool = False) -> dict:
+    """Pretrains (or loads) the base of this depth and runs every method on it; resumes from the cache.
+    With `cached_only`, methods not in the cache are listed as missing instead of run."""
     shape, profile = study.shape(depth), study.profile
     base, meta = quality.base_model(shape, profile, study.device)
     for p in base.parameters():
@@ -124,7 +126,7 @@ def run_depth(study: Study, depth: int, outer, fresh: bool, only: set | None = N
     done_path = os.path.join(run_dir, "methods.jsonl")
     done = {} if fresh else quality.finished_runs(done_path)
     base_fp = quality.fingerprint(dataclasses.asdict(profile), dataclasses.asdict(shape), study.device)
-    results = {}
+    results, missing = {}, []
     for method in depth_methods(shape):
         if only is not None and method.key not in only:
             continue
@@ -132,6 +134,10 @@ def run_depth(study: Study, depth: int, outer, fresh: bool, only: set | None = N
         fp = quality.fingerprint(base_fp, method.key, method.spec, method.lrs, method.label)
         if fp in done:
             results[method.key] = dict(done[fp], cached=True)
+            outer.update(runs)
+            continue
+        if cached_only:
+            missing.append(method.label)
             outer.update(runs)
             continue
         t0 = time.perf_counter()
@@ -142,13 +148,24 @@ def run_depth(study: Study, depth: int, outer, fresh: bool, only: set | None = N
         tqdm.write(f"L={depth} {method.key:8s} params={res['trainable_params']:>8,} test={res['test_mean']:.4f}"
                    f"±{res['test_std']:.4f} lr={res['lr']:g} step={res['step_ms']:.0f}ms wall={res['wall_s']:.0f}s")
     return {"depth": depth, "base_loss": base_loss, "meta": meta, "shape": dataclasses.asdict(shape),
-            "results": results}
+            "results": results, "missing": missing}
 
 
 # --------------------------------------------------------------------------------------------- verdicts
 def gap(results: dict, key: str, big: bool) -> tuple[float, float]:
     """(MoS - LoRA test loss, its standard error over seeds) at one depth."""
     return _cmp(results[key], results[peer(key, big)])
+
+
+def gap_series(per_depth: list[dict], key: str, big: bool) -> list[tuple[int, float, float]]:
+    """[(depth, gap, its error)] over the depths where both the variant and its LoRA peer were measured."""
+    return [(d["depth"], *gap(d["results"], key, big)) for d in per_depth
+            if key in d["results"] and peer(key, big) in d["results"]]
+
+
+def pooled_series(per_depth: list[dict], big: bool) -> list[tuple[int, float, float]]:
+    need = set(MAIN) | {peer(key, big) for key in MAIN}
+    return [(d["depth"], *pooled_gap(d["results"], big)) for d in per_depth if need <= set(d["results"])]
 
 
 def pooled_gap(results: dict, big: bool) -> tuple[float, float]:
@@ -195,23 +212,44 @@ CLAIMS = {
 
 def verdicts(per_depth: list[dict]) -> list[str]:
     """One pooled verdict per claim, each followed by its per-variant fits."""
-    depths = [d["depth"] for d in per_depth]
     lines = []
     for big, claim in CLAIMS.items():
-        series = [pooled_gap(d["results"], big) for d in per_depth]
-        verdict, beta, se, change = trend_verdict(depths, [g for g, _ in series], [s for _, s in series])
-        at = ", ".join(f"L={L}: {g:+.4f} ± {s:.4f}" for L, (g, s) in zip(depths, series))
+        series = pooled_series(per_depth, big)
+        if len({L for L, _, _ in series}) < 2:
+            lines.append(f"**{claim}**: not decided: fewer than two depths have every method measured.")
+            continue
+        depths = [L for L, _, _ in series]
+        verdict, beta, se, change = trend_verdict(depths, [g for _, g, _ in series], [s for _, _, s in series])
+        at = ", ".join(f"L={L}: {g:+.4f} ± {s:.4f}" for L, g, s in series)
         lines.append(f"**{claim}**: {verdict}: slope {beta:+.4f} ± {se:.4f} nats/byte per doubling of depth "
                      f"({change:+.4f} from L={min(depths)} to L={max(depths)}); mean of "
                      f"{' and '.join(MAIN)} gaps: {at}.")
         for key in MOS_VARIANTS:
-            series = [gap(d["results"], key, big) for d in per_depth]
-            v, b, s, _ = trend_verdict(depths, [g for g, _ in series], [e for _, e in series])
-            label = per_depth[-1]["results"][key]["label"].split(" (")[0]
-            lines.append(f"  - {key} ({label}, l={MOS_VARIANTS[key][2]}) − LoRA r={peer(key, big)[4:]}: {v}, "
-                         f"slope {b:+.4f} ± {s:.4f}; " + ", ".join(f"L={L}: {g:+.4f}" for L, (g, _) in
-                                                                   zip(depths, series)) + ".")
+            series = gap_series(per_depth, key, big)
+            name = f"{key} (MoS R_e={MOS_VARIANTS[key][0]}, l={MOS_VARIANTS[key][2]}) − LoRA r={peer(key, big)[4:]}"
+            if len(series) < 2:
+                lines.append(f"  - {name}: not decided (measured at fewer than two depths).")
+                continue
+            v, b, s, _ = trend_verdict([L for L, _, _ in series], [g for _, g, _ in series],
+                                       [e for _, _, e in series])
+            lines.append(f"  - {name}: {v}, slope {b:+.4f} ± {s:.4f}; "
+                         + ", ".join(f"L={L}: {g:+.4f}" for L, g, _ in series) + ".")
+        if big:
+            lines.append("  - " + lora_gain_line(per_depth))
     return lines
+
+
+def lora_gain_line(per_depth: list[dict]) -> str:
+    """What 8x the rank buys LoRA itself per depth: a closing gap to 8x LoRA means little if this shrinks too."""
+    parts = []
+    for d in per_depth:
+        pairs = [(f"lora{b}", f"lora{b * BIG}") for b in (1, 2) if {f"lora{b}", f"lora{b * BIG}"} <= set(d["results"])]
+        if pairs:
+            diffs = [_cmp(d["results"][small], d["results"][large]) for small, large in pairs]
+            parts.append(f"L={d['depth']}: {statistics.fmean(g for g, _ in diffs):+.4f} "
+                         f"± {math.sqrt(sum(se ** 2 for _, se in diffs)) / len(diffs):.4f}")
+    return ("for scale, what 8× the rank buys LoRA itself (LoRA r=R_e − LoRA r=8·R_e, mean over R_e = 1, 2): "
+            + ", ".join(parts) + ".")
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -226,12 +264,12 @@ def plot(per_depth: list[dict], path: str, title: str):
     styles = {"mos1": ("tab:red", "o"), "mos2": ("tab:blue", "s"), "mos2_l4": ("tab:green", "^")}
     for ax, big in zip(axes, (False, True)):
         for i, key in enumerate(MOS_VARIANTS):
-            series = [gap(d["results"], key, big) for d in per_depth]
+            series = gap_series(per_depth, key, big)
             color, marker = styles[key]
-            xs = [L * 1.04 ** (i - 1) for L in depths]  # nudged sideways so error bars do not overlap
-            label = f"{per_depth[-1]['results'][key]['label'].split(' (')[0]}, l={MOS_VARIANTS[key][2]} − LoRA r={peer(key, big)[4:]}"
-            ax.errorbar(xs, [g for g, _ in series], yerr=[s for _, s in series], fmt=marker + "-", color=color,
-                        capsize=3, label=label)
+            xs = [L * 1.04 ** (i - 1) for L, _, _ in series]  # nudged sideways so error bars do not overlap
+            label = f"MoS R_e={MOS_VARIANTS[key][0]}, l={MOS_VARIANTS[key][2]} − LoRA r={peer(key, big)[4:]}"
+            ax.errorbar(xs, [g for _, g, _ in series], yerr=[s for _, _, s in series], fmt=marker + "-",
+                        color=color, capsize=3, label=label)
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(depths, [str(L) for L in depths])
@@ -254,13 +292,15 @@ def depth_table(d: dict) -> str:
              "| step time | chosen lr (grid) |", "|---|---:|---:|---:|---:|---:|---:|---|",
              f"| base model, no fine-tuning | 0 | {d['base_loss']:.4f} | 0 | - | - | - | - |"]
     for key, res in r.items():
-        vs = [f"{g:+.4f} ± {s:.4f}" for g, s in (gap(r, key, False), gap(r, key, True))] \
+        vs = [f"{g:+.4f} ± {s:.4f}" if peer(key, big) in r else "-"
+              for big in (False, True) for g, s in [gap(r, key, big) if peer(key, big) in r else (0, 0)]] \
             if key in MOS_VARIANTS else ["-", "-"]
         grid = ", ".join(f"{lr:g}" for lr in res["lr_grid"])
         edge = " (edge)" if res["lr_at_edge"] else ""
         lines.append(f"| {res['label']} | {res['trainable_params']:,} | {res['test_mean']:.4f} ± {res['test_std']:.4f} "
                      f"| {res['test_mean'] - d['base_loss']:+.4f} | {vs[0]} | {vs[1]} | {res['step_ms']:.0f} ms "
                      f"| {res['lr']:g}{edge} ({grid}) |")
+    lines += [f"| {label} | not measured in this run | - | - | - | - | - | - |" for label in d.get("missing", [])]
     return "\n".join(lines)
 
 
@@ -301,6 +341,9 @@ def section(study: Study, per_depth: list[dict], command: str, wall_s: float, pn
               f"seeds' error carried through the fit and the fit's residual scatter; ties when the change from "
               f"L={min(study.depths)} to L={max(study.depths)} is within max({TIE}, 2 errors))", ""]
     lines += [f"- {line}" if not line.startswith("  ") else line for line in verdicts(per_depth)]
+    missing = [f"L={d['depth']} {label}" for d in per_depth for label in d.get("missing", [])]
+    if missing:
+        lines += ["", "Not measured (the run was cut to fit its time): " + ", ".join(missing) + "."]
     edges = [f"L={d['depth']} {res['label']} ({res['lr']:g})" for d in per_depth for res in d["results"].values()
              if res["lr_at_edge"]]
     if edges:
@@ -318,6 +361,8 @@ def main(argv=None):
     parser.add_argument("--depths", help="comma-separated subset of the depths (no RESULTS.md update)")
     parser.add_argument("--threads", type=int, default=1, help="torch and OpenBLAS threads (default 1)")
     parser.add_argument("--methods", help="comma-separated method keys to run (no RESULTS.md update)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train nothing: report the methods earlier runs finished, list the rest as missing")
     parser.add_argument("--fresh", action="store_true", help="ignore methods cached by an earlier run")
     parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md or the plot")
     parser.add_argument("--run-note", default="", help="a sentence added to the section (how the run went)")
@@ -363,7 +408,7 @@ def main(argv=None):
     per_depth = []
     with tqdm(total=total, desc="runs", mininterval=5, dynamic_ncols=True) as outer:
         for depth in study.depths:
-            per_depth.append(run_depth(study, depth, outer, args.fresh or args.smoke, only))
+            per_depth.append(run_depth(study, depth, outer, args.fresh or args.smoke, only, args.cached_only))
     wall = time.perf_counter() - start
 
     for d in per_depth:

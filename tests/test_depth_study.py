@@ -89,7 +89,7 @@ def test_smoke_run_writes_plot_and_verdicts_without_touching_results(tmp_path):
     results = os.path.join(BENCH_DIR, "RESULTS.md")
     before = open(results, encoding="utf-8").read() if os.path.exists(results) else None
     proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "depth_study.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for claim in ("gap to equal-budget LoRA widens", "gap to 8× LoRA closes"):
