@@ -331,7 +331,9 @@ def section(study: Study, per_depth: list[dict], command: str, wall_s: float, pn
         f"reruns it on seeds 1..{p.seeds - 1}; test loss over {p.seeds} seeds on {p.test_windows} windows; every "
         f"method sees the same batches). MoS uses r = 4·R_e and l = 2 (the l = 4 row: R_e = 2), with p = 1 where "
         f"the pools can hold a private rank beside r − p public shards per layer, else p = 0 (the labels say which).",
-        f"Gaps are MoS − LoRA test loss (negative: MoS better) ± the standard error of the difference over seeds.",
+        f"Gaps are MoS − LoRA test loss (negative: MoS better) ± the standard error of the difference over seeds. "
+        f"Step time: median training step of each method's runs; runs that shared the machine with different "
+        f"loads are not comparable by it.",
         "",
     ]
     for d in per_depth:
