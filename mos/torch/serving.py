@@ -135,7 +135,9 @@ class AdapterStore:
         with self._lock.write():
             self._sync_locked()
             for other in self._packing.names:
-                other_dtype = self.model.peft_config[other].pool_dtype
+                # What the pools hold, not the config: model.to(dtype) casts pools, not configs.
+                shared = next(iter(self.model.mos_pools[other].values()))
+                other_dtype = str(shared.pool_a.dtype).removeprefix("torch.")
                 if saved.config.pool_dtype != other_dtype:
                     raise ValueError(f"{os.path.join(directory, files.CONFIG_NAME)}: pool_dtype "
                                      f"{saved.config.pool_dtype!r} differs from the store's {other_dtype!r} "

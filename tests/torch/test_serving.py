@@ -237,3 +237,22 @@ def test_store_follows_training_and_new_adapters():
         out = model(ids, adapter_names=["alpha", "gamma"]).logits
     assert_close(out[0], single(model, ids[:1], "alpha")[0], "alpha after training")
     assert_close(out[1], single(model, ids[1:], "gamma")[0], "gamma added later")
+
+
+def test_store_of_a_cast_model_loads_adapters_saved_from_it(tmp_path):
+    # model.to(dtype) casts the pools but leaves each config's pool_dtype as it was; the store
+    # must compare against what its pools hold.
+    model = make_model(names=("alpha", "beta")).to(torch.bfloat16)
+    model.adapter_store.save("alpha", str(tmp_path / "alpha"))
+    store = model.adapter_store
+    store.load(str(tmp_path / "alpha"), "alpha2")
+    ids = llama_inputs()
+    with torch.no_grad():  # alpha2 is alpha saved and loaded back: the same pools, the same rows
+        got = model(ids, adapter_names=["alpha2", "beta"]).logits
+        want = model(ids, adapter_names=["alpha", "beta"]).logits
+    assert torch.equal(got, want)
+    assert not torch.equal(got[0], model(ids[:1], adapter_names=["beta"]).logits[0])
+    fresh = mos.get_mos_model(make_llama(), mos_config(**CONFIGS["alpha"]))
+    fresh.save_pretrained(str(tmp_path / "f32"))
+    with pytest.raises(ValueError, match="pool_dtype 'float32' differs from the store's 'bfloat16'"):
+        store.load(str(tmp_path / "f32"), "f32")

@@ -102,3 +102,18 @@ def test_model_to_moves_and_casts_pools_with_the_model():
     assert layer.slot("default").pools.pool_a is pools.pool_a  # layers see the converted pools
     out = model(llama_inputs()).logits
     assert out.dtype == torch.float64
+
+
+def test_scale_beyond_float16_is_refused_after_a_cast():
+    # lora_alpha=1e6 gives scale 2.5e5: finite in float32, where the config checked it, but not in
+    # float16, where the cast model's pools take the torch fallback on CPU.
+    model = get_mos_model(make_llama(), mos_config(lora_alpha=1e6))
+    model.add_adapter("other", mos_config(lora_alpha=1e6, seed=5))
+    randomize_pools(model)
+    ids = llama_inputs()
+    assert torch.isfinite(model(ids).logits).all()
+    model.to(torch.float16).eval()
+    with pytest.raises(ValueError, match=r"scale = 250000 is not finite in float16, the pools' dtype"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"scale = 250000 is not finite in float16"):
+        model(ids, adapter_names=["default", "other"])
