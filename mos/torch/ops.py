@@ -152,8 +152,14 @@ def _check_inputs(x, pool_a, index_a, pool_b, index_b, base):
     dtype = x.dtype
     if (pool_a.dtype == dtype and pool_b.dtype == dtype and (base is None or base.dtype == dtype)
             and index_a.dtype == torch.int32 and index_b.dtype == torch.int32 and index_a.dim() == 1
-            and index_b.dim() == 1 and pool_a.shape[1] and not x.shape[1] % pool_a.shape[1]):
+            and index_b.dim() == 1 and pool_a.dim() == 2 and pool_b.dim() == 2 and x.shape[1]
+            and pool_a.shape[1] and not x.shape[1] % pool_a.shape[1]):
         return  # the common case, checked cheaply; the core validates sizes and ranges itself
+    for name, t in (("pool_a", pool_a), ("pool_b", pool_b)):
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D (shards, shard length) tensor, got shape {tuple(t.shape)}")
+    if not x.shape[1]:
+        raise ValueError("x: has no columns (d_in = 0); the adapter needs at least one")
     for name, t in (("pool_a", pool_a), ("pool_b", pool_b), ("base", base)):
         if t is not None and t.dtype != dtype:
             raise TypeError(f"{name}: dtype {t.dtype} differs from x's {dtype}; cast x to the pools' dtype")
@@ -208,6 +214,12 @@ def _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, scale: float, h,
 
 def _assembled(pool_a, index_a, pool_b, index_b, rank):
     """(A, B^T) gathered from the pools: (r, d_in) and (r, d_out)."""
+    # The core range-checks its tables; this torch path must too (index_select would raise an
+    # unnamed IndexError on CPU and a device-side assert on CUDA).
+    for name, index, pool, pool_name in (("index_a", index_a, pool_a, "pool_a"),
+                                         ("index_b", index_b, pool_b, "pool_b")):
+        if index.numel() and not (int(index.min()) >= 0 and int(index.max()) < pool.shape[0]):
+            raise ValueError(f"{name}: values must be in [0, {pool.shape[0]}) (rows of {pool_name})")
     a = pool_a.index_select(0, index_a.long()).reshape(rank, -1)
     bt = pool_b.index_select(0, index_b.long()).reshape(rank, -1)
     return a, bt

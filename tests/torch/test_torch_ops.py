@@ -159,3 +159,22 @@ def test_bad_inputs_raise_clear_errors():
         adapter_linear(x, pool_a, bad, pool_b, index_b, 1.0)
     with pytest.raises(ValueError, match="finite"):
         adapter_linear(x, pool_a, index_a, pool_b, index_b, float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the core, and the torch fallback
+def test_malformed_inputs_get_errors_naming_them_on_every_path(dtype):
+    pool_a, index_a, pool_b, index_b = _layer(16, 8, 3, 0, "cpu", dtype)
+    x = torch.randn(4, 16).to(dtype)
+    with pytest.raises(ValueError, match="x: has no columns"):
+        adapter_linear(x[:, :0], pool_a, index_a, pool_b, index_b, 1.0)
+    with pytest.raises(ValueError, match="pool_a: expected a 2-D"):
+        adapter_linear(x, pool_a.detach().reshape(-1), index_a, pool_b, index_b, 1.0)
+    with pytest.raises(ValueError, match="pool_b: expected a 2-D"):
+        adapter_linear(x, pool_a, index_a, pool_b.detach().reshape(-1), index_b, 1.0)
+    for name in ("index_a", "index_b"):
+        tables = {"index_a": index_a.clone(), "index_b": index_b.clone()}
+        tables[name][-1] = 10**6
+        with pytest.raises(ValueError, match=f"{name}.*out of range|{name}: values must be in"):
+            adapter_linear(x, pool_a, tables["index_a"], pool_b, tables["index_b"], 1.0)
+    with pytest.raises(ValueError, match="scale = 1e\\+39 is not finite"):
+        adapter_linear(x, pool_a, index_a, pool_b, index_b, 1e39)
