@@ -120,6 +120,11 @@ class MoSConfig:
                     or not self.private_rank <= rank or rank < 1:
                 raise ValueError(f"rank_pattern[{name!r}] = {rank!r}: expected a module type name and an "
                                  f"integer r >= max(1, private_rank={self.private_rank})")
+            # A lowered rank raises the type's scale: check it here so the error comes when the model is
+            # built, not at its first forward.
+            if abs(self.scaling_for(name)) > _LARGEST_FINITE[self.pool_dtype]:
+                raise ValueError(f"lora_alpha={self.lora_alpha!r} gives {name} (r={rank}) the scale "
+                                 f"{self.scaling_for(name):g}, which is not finite in pool_dtype {self.pool_dtype}")
 
     def rank_for(self, module_type: str) -> int:
         """The forward rank of `module_type`: rank_pattern's entry, else r."""

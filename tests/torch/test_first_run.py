@@ -160,6 +160,18 @@ def test_explicit_rank_that_does_not_fit_says_what_would():
                                      "shards_per_vector=2, r can be at most 5 (got r=8)")
 
 
+def test_scale_raised_by_a_lowered_rank_is_refused_when_the_model_is_built():
+    # scale 2.5e38 at r=8 is finite in float32; the 2-layer types get r=3, whose scale is not.
+    base = make_llama()
+    config = mos.MoSConfig(lora_alpha=2e39, target_modules=["q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(ValueError, match=r"q_proj \(r=3\) the scale 6\.66667e\+38, which is not finite "
+                                             r"in pool_dtype float32"):
+            get_mos_model(base, config)
+    assert not any(isinstance(m, mos.torch.MoSLinear) for m in base.modules())
+
+
 def test_loading_onto_a_base_with_fewer_layers_names_the_modules(tmp_path):
     model = get_mos_model(make_llama(num_hidden_layers=4), mos.MoSConfig(r=4, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)
