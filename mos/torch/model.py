@@ -103,7 +103,6 @@ class MoSModel(nn.Module):
             kwargs["labels"] = labels
         if adapter_names is not None:  # one adapter per sample, "__base__" for none (serving.py)
             from .serving import mixed_batch
-            saved_modules.check_mixed_batch(self.get_base_model())
             with mixed_batch(self, adapter_names, args, kwargs):
                 return self.get_base_model()(*args, **kwargs)
         return self.get_base_model()(*args, **kwargs)
@@ -111,7 +110,6 @@ class MoSModel(nn.Module):
     def generate(self, *args, adapter_names=None, **kwargs):
         if adapter_names is not None:
             from .serving import mixed_batch
-            saved_modules.check_mixed_batch(self.get_base_model())
             with mixed_batch(self, adapter_names, args, kwargs):
                 return self.get_base_model().generate(*args, **kwargs)
         return self.get_base_model().generate(*args, **kwargs)

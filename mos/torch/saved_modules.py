@@ -16,14 +16,16 @@ import copy
 import dataclasses
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
+from .call_context import current_batch
 from .files import SAVED_PREFIX
 
 __all__ = ["ModulesToSaveWrapper", "SavedPlan", "plan_saved", "install_saved", "saved_tensors",
            "load_saved", "copy_saved", "with_task_heads", "remove_saved", "unload_saved",
-           "set_saved_adapter", "saved_parameters", "check_mixed_batch"]
+           "set_saved_adapter", "saved_parameters", "saved_wrappers"]
 
 # Classification heads PEFT adds to modules_to_save for task_type="SEQ_CLS" / "TOKEN_CLS".
 _HEAD_NAMES = ("classifier", "score")
@@ -32,7 +34,8 @@ _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 class ModulesToSaveWrapper(nn.Module):
     """Holds the original module and one trainable copy per adapter; runs the active adapter's
-    copy (the original when adapters are disabled or the active adapter has no copy)."""
+    copy (the original when adapters are disabled or the active adapter has no copy), or inside a
+    mixed-adapter batch each sample's own."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -51,7 +54,42 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        batch = current_batch()  # set by mos.torch.serving, per call
+        if batch is not None and batch.serves(self):
+            return self._mixed_forward(batch, *args, **kwargs)
         return self.active_module(*args, **kwargs)
+
+    def _module_for(self, adapter_name: str) -> nn.Module:
+        return self.modules_to_save[adapter_name] if adapter_name in self.modules_to_save else self.original_module
+
+    def _mixed_forward(self, batch, *args, **kwargs):
+        """Rows of x (sample-major: each sample owns x.shape[0] / len(adapter_names) consecutive
+        rows, as beams are) go through their sample's module; one call per distinct module."""
+        per_sample = [self._module_for(name) for name in batch.adapter_names]
+        modules = list(dict.fromkeys(per_sample))  # distinct, in first-use order
+        if len(modules) == 1:
+            return modules[0](*args, **kwargs)
+        x, *args = args or [None]
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 \
+                or any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):
+            raise ValueError(f"adapter_names=[...]: {type(self.original_module).__name__} is a module_to_save "
+                             f"not called with its input as the only tensor argument; a mixed-adapter batch "
+                             f"splits that input by sample, so call the model once per adapter (set_adapter) "
+                             f"instead")
+        rows_per_sample = batch.rows_per_sample(x.shape[0])
+        which = np.repeat([modules.index(m) for m in per_sample], rows_per_sample)
+        order = np.argsort(which, kind="stable")  # rows of each module together, in module order
+        outputs = []
+        for k, module in enumerate(modules):
+            rows = torch.from_numpy(np.flatnonzero(which == k)).to(x.device)
+            out = module(x.index_select(0, rows), *args, **kwargs)
+            if not isinstance(out, torch.Tensor) or out.shape[:1] != rows.shape:
+                raise ValueError(f"adapter_names=[...]: {type(self.original_module).__name__} is a module_to_save "
+                                 f"whose output is not one tensor with a row per input row; a mixed-adapter "
+                                 f"batch cannot split it by sample, so call the model once per adapter instead")
+            outputs.append(out)
+        inverse = torch.from_numpy(np.argsort(order)).to(x.device)
+        return torch.cat(outputs).index_select(0, inverse)
 
     def __getattr__(self, name):
         try:
@@ -154,14 +192,9 @@ def set_saved_adapter(model: nn.Module, adapter_name, disabled: bool | None = No
             wrapper.disable_adapters = disabled
 
 
-def check_mixed_batch(model: nn.Module) -> None:
-    """Refuses a mixed-adapter batch (adapter_names=[...]) on a model with modules_to_save: the
-    wrappers run one adapter's copy for the whole batch, which would be wrong for the other rows."""
-    wrapped = [path for path, _ in _wrappers(model)]
-    if wrapped:
-        raise ValueError(f"adapter_names=[...] runs each sample with its own adapter, but {wrapped[0]!r} is a "
-                         f"module_to_save, which runs one adapter's copy for the whole batch; call the model "
-                         f"once per adapter (set_adapter) instead")
+def saved_wrappers(model: nn.Module) -> list:
+    """Every ModulesToSaveWrapper of `model`."""
+    return [m for _, m in _wrappers(model)]
 
 
 def saved_parameters(model: nn.Module, adapter_name: str, plan: SavedPlan) -> list:

@@ -36,6 +36,7 @@ from .call_context import running
 from .layer import MoSLinear
 from .ops import _export, adapter_linear, core_supports
 from .rwlock import ReadWriteLock
+from .saved_modules import saved_wrappers
 
 __all__ = ["AdapterStore", "BASE_ADAPTER", "mixed_batch"]
 
@@ -82,6 +83,7 @@ class _Packing:
     types: dict = None        # (module type, l) -> _TypePack
     layers: dict = None       # MoSLinear -> [_LayerPack, one per bank serving it]
     all_layers: frozenset = frozenset()  # every MoSLinear of the model
+    wrappers: frozenset = frozenset()    # every ModulesToSaveWrapper of the model
     fingerprint: tuple = None
 
     def slot(self, name: str) -> int:
@@ -283,7 +285,7 @@ class AdapterStore:
             if packs:
                 layers[layer] = packs
         self._packing = _Packing(tuple(names), slots, types, layers, frozenset(all_layers),
-                                 self._current_fingerprint())
+                                 frozenset(saved_wrappers(model.base_model)), self._current_fingerprint())
 
     def _pack_type(self, key, entries, slots, n_slots):
         module_type, l = key
@@ -384,29 +386,35 @@ def plan_rows(sample_slots, rows_per_sample: int, device):
 
 
 class _MixedBatch:
-    """Per-call state of a mixed-adapter forward: the store's packing it runs with and one slot per
-    sample, expanded to rows per shape. It travels in a context variable, never on the layers, so
-    concurrent calls on one model each see their own."""
+    """Per-call state of a mixed-adapter forward: the store's packing it runs with, each sample's
+    adapter name and slot, expanded to rows per shape. It travels in a context variable, never on
+    the layers, so concurrent calls on one model each see their own."""
 
-    def __init__(self, packing: _Packing, sample_slots: list):
+    def __init__(self, packing: _Packing, adapter_names: list):
         self.packing = packing
-        self.sample_slots = np.asarray(sample_slots, dtype=np.int32)
+        self.adapter_names = tuple(adapter_names)
+        self.sample_slots = np.asarray([packing.slot(name) for name in adapter_names], dtype=np.int32)
         self._rows = {}  # (rows, device) -> (ids, segments or None, grouped)
 
-    def serves(self, layer: MoSLinear) -> bool:
-        """Whether `layer` belongs to the model this batch runs (not, say, to a draft model)."""
-        return layer in self.packing.all_layers
+    def serves(self, module) -> bool:
+        """Whether `module` (a MoSLinear or a ModulesToSaveWrapper) belongs to the model this batch
+        runs (not, say, to a draft model)."""
+        return module in self.packing.all_layers or module in self.packing.wrappers
+
+    def rows_per_sample(self, n_rows: int) -> int:
+        """How many rows each sample owns when a layer sees n_rows. HF expands beams and returned
+        sequences sample by sample, keeping rows sample-major."""
+        n_samples = len(self.sample_slots)
+        if n_rows % n_samples:
+            raise ValueError(f"adapter_names has {n_samples} entries but a layer sees {n_rows} "
+                             f"rows, not a multiple: pass one adapter name per sample of the batch")
+        return n_rows // n_samples
 
     def rows(self, n_rows: int, device):
         key = (n_rows, str(device))
         cached = self._rows.get(key)
         if cached is None:
-            n_samples = len(self.sample_slots)
-            if n_rows % n_samples:
-                raise ValueError(f"adapter_names has {n_samples} entries but a layer sees {n_rows} "
-                                 f"rows, not a multiple: pass one adapter name per sample of the batch")
-            # HF expands beams and returned sequences sample by sample, keeping rows sample-major.
-            ids, segments, grouped = plan_rows(self.sample_slots, n_rows // n_samples, device)
+            ids, segments, grouped = plan_rows(self.sample_slots, self.rows_per_sample(n_rows), device)
             cached = (ids, segments, grouped, _export(ids), _export(segments))
             self._rows[key] = cached
         return cached
@@ -494,8 +502,8 @@ def _batch_size(args, kwargs):
 
 @contextmanager
 def mixed_batch(model, adapter_names, args=(), kwargs=None):
-    """Inside the block, every MoSLinear of `model` runs sample i with adapter adapter_names[i]
-    ("__base__": the base model alone). Raises ValueError for training mode, merged or disabled
+    """Inside the block, every MoSLinear and modules_to_save wrapper of `model` runs sample i with
+    adapter adapter_names[i] ("__base__": the base model alone). Raises ValueError for training mode, merged or disabled
     adapters, unknown names and a batch whose size differs from len(adapter_names)."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
         raise TypeError(f"adapter_names must be a list with one adapter name per sample, got "
@@ -520,6 +528,6 @@ def mixed_batch(model, adapter_names, args=(), kwargs=None):
         if batch != len(adapter_names):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} "
                              f"samples; pass one adapter name per sample")
-        state = _MixedBatch(packing, [packing.slot(name) for name in adapter_names])
+        state = _MixedBatch(packing, adapter_names)
         with running(state), torch.no_grad():
             yield state

@@ -9,7 +9,7 @@ from mos.testing.assertions import assert_exports_match_peft
 from mos.torch import MoSModel, get_mos_model
 from mos.torch.saved_modules import ModulesToSaveWrapper
 from mos.torch.trainer import restore_pools
-from torch_helpers import llama_inputs, logits, make_llama, mos_config, plain_state, randomize_pools
+from torch_helpers import llama_inputs, logits, make_llama, mos_config, plain_state, randomize_pools, run_threads
 
 peft = pytest.importorskip("peft")
 
@@ -165,7 +165,112 @@ def test_adapters_with_modules_to_save_cannot_be_active_together():
     assert head.active_adapter == "other" and sorted(head.modules_to_save) == ["default", "other"]
 
 
-def test_mixed_adapter_batches_refuse_modules_to_save():
+def _two_trained_heads():
+    """A BERT classifier with adapters "default" and "other" (task_type SEQ_CLS), each trained, so
+    their heads differ from each other and from the original."""
     model = get_mos_model(_bert(), _bert_config(task_type="SEQ_CLS"))
-    with pytest.raises(ValueError, match="'classifier' is a module_to_save, which runs one adapter's copy"):
-        model(input_ids=IDS, adapter_names=["default"] * 4)
+    model.add_adapter("other", _bert_config(task_type="SEQ_CLS", seed=1))
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        _train(model)
+    head = model.base_model.classifier
+    assert not torch.equal(head.modules_to_save["default"].weight, head.modules_to_save["other"].weight)
+    return model
+
+
+def _alone(model, names):
+    """Row i of IDS scored with adapter names[i] only ("__base__": adapters disabled)."""
+    rows = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(_scores(model)[i])
+        else:
+            model.set_adapter(name)
+            rows.append(_scores(model)[i])
+    return torch.stack(rows)
+
+
+def test_mixed_adapter_batches_run_each_samples_own_saved_modules(tmp_path):
+    model = _two_trained_heads()
+    names = ["other", "__base__", "default", "other"]
+    expected = _alone(model, names)
+    model.set_adapter("default")
+    with torch.no_grad():
+        mixed = model(input_ids=IDS, adapter_names=names).logits
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(mixed, _scores(model), rtol=0, atol=1e-3)  # not one head for every row
+    assert model.base_model.classifier.active_adapter == "default"  # the call left the wrapper as it was
+
+    for name in ("default", "other"):
+        model.export_lora(str(tmp_path / name), name)
+    lora = peft.PeftModel.from_pretrained(_bert(), str(tmp_path / "default"))
+    lora.load_adapter(str(tmp_path / "other"), adapter_name="other")
+    lora.eval()
+    with torch.no_grad():
+        peft_mixed = lora(input_ids=IDS, adapter_names=names).logits
+    torch.testing.assert_close(peft_mixed, mixed, rtol=0, atol=1e-5)
+
+
+def test_mixed_batches_with_saved_modules_from_several_threads():
+    model = _two_trained_heads()
+    batches = [["other", "__base__", "default", "other"], ["default", "default", "__base__", "other"],
+               ["__base__", "other", "other", "default"]]
+    expected = [_alone(model, names) for names in batches]
+    wrong = []
+
+    def serve(k):
+        for step in range(6):
+            j = (k + step) % len(batches)
+            with torch.no_grad():
+                out = model(input_ids=IDS, adapter_names=batches[j]).logits
+            if not torch.allclose(out, expected[j], rtol=0, atol=1e-5):
+                wrong.append((k, step))
+
+    run_threads(serve, 3)
+    assert not wrong, f"{len(wrong)} of 18 mixed batches got another thread's heads"
+
+
+def test_beams_run_their_samples_saved_lm_head():
+    # Beam search expands each sample into consecutive rows; each row keeps its sample's lm_head.
+    ids = llama_inputs(batch=3, seq=4)
+    model = get_mos_model(make_llama(), mos_config(seed=1, modules_to_save=["lm_head"]), adapter_name="a")
+    model.add_adapter("b", mos_config(seed=2, modules_to_save=["lm_head"]))
+    randomize_pools(model)
+    with torch.no_grad():
+        for name, scale in (("a", 0.5), ("b", -0.5)):
+            head = model.base_model.lm_head.modules_to_save[name]
+            head.weight.add_(scale * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(7)))
+    model.eval()
+    names = ["b", "__base__", "a"]
+    gen = dict(max_new_tokens=3, num_beams=2, do_sample=False, attention_mask=torch.ones_like(ids))
+    expected = []
+    for i, name in enumerate(names):
+        gen_one = {**gen, "attention_mask": gen["attention_mask"][i:i + 1]}
+        if name == "__base__":
+            with model.disable_adapter():
+                expected.append(model.generate(ids[i:i + 1], **gen_one)[0])
+        else:
+            model.set_adapter(name)
+            expected.append(model.generate(ids[i:i + 1], **gen_one)[0])
+    mixed = model.generate(ids, adapter_names=names, **gen)
+    assert torch.equal(mixed, torch.stack(expected))
+    assert len({tuple(t[-3:].tolist()) for t in expected}) > 1  # the heads lead to different tokens
+
+
+@pytest.mark.parametrize("padded, refusal", [(True, "not called with its input as the only tensor argument"),
+                                             (False, "whose output is not one tensor with a row per input row")])
+def test_saved_modules_that_cannot_be_split_by_sample_are_refused_in_mixed_batches(padded, refusal):
+    # BertAttention gets the attention mask as a second tensor when some position is masked, and
+    # returns a tuple.
+    model = get_mos_model(_bert(), _bert_config(target_modules=["intermediate.dense"], modules_to_save=["attention"]))
+    model.eval()
+    mask = torch.ones_like(IDS)
+    mask[1, -2:] = 0 if padded else 1
+    with torch.no_grad():
+        single = model(input_ids=IDS, attention_mask=mask).logits
+        with pytest.raises(ValueError, match=f"BertAttention is a module_to_save {refusal}"):
+            model(input_ids=IDS, attention_mask=mask, adapter_names=["default", "__base__"] * 2)
+        assert torch.equal(model(input_ids=IDS, attention_mask=mask).logits, single)
+        same = model(input_ids=IDS, attention_mask=mask, adapter_names=["default"] * 4).logits
+    torch.testing.assert_close(same, single, rtol=0, atol=1e-5)  # one module for every row runs as usual

@@ -5,7 +5,7 @@ import threading
 import torch
 
 import mos
-from torch_helpers import llama_inputs, make_llama, mos_config, randomize_pools
+from torch_helpers import llama_inputs, make_llama, mos_config, randomize_pools, run_threads
 
 # alpha and beta serve throughout; gamma also adapts modules the others leave alone, so loading
 # and unloading it wraps and unwraps layers.
@@ -38,23 +38,6 @@ def alone(model, ids, names):
                 model.set_adapter(name)
                 rows.append(model(ids[i:i + 1]).logits[0])
     return torch.stack(rows)
-
-
-def run_threads(work, n):
-    errors = []
-
-    def guarded(k):
-        try:
-            work(k)
-        except BaseException as err:  # reported by the main thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, f"{len(errors)} thread(s) failed, first: {errors[0]!r}"
 
 
 def test_threads_serving_mixed_batches_each_get_their_own_adapters():

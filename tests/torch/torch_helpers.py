@@ -1,6 +1,7 @@
 """Helpers shared by the torch tests: tiny real transformers models, configs and a float64 reference."""
 import json
 import os
+import threading
 
 import numpy as np
 import torch
@@ -90,3 +91,21 @@ def rewrite_config(directory, **fields):
     data.update(fields)
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+def run_threads(work, n):
+    """Runs work(k) on n threads (k = 0..n-1); fails with the first error any of them raised."""
+    errors = []
+
+    def guarded(k):
+        try:
+            work(k)
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} thread(s) failed, first: {errors[0]!r}"
