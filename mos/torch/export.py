@@ -24,7 +24,7 @@ __all__ = ["export_lora"]
 
 def export_lora(mos_model, save_directory: str, adapter_name: str | None = None) -> None:
     """Writes `adapter_name` (default: the active adapter) of `mos_model` as a PEFT LoRA adapter.
-    With pools sharded by FSDP2's fully_shard, call it on every rank: rank 0 writes."""
+    Under FSDP2's fully_shard, call it on every rank: what is sharded is gathered, rank 0 writes."""
     name = mos_model.active_adapter if adapter_name is None else adapter_name
     if isinstance(name, list):
         raise ValueError(f"adapters {name} are active together; export_lora writes one: pass adapter_name")
@@ -32,9 +32,9 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
         raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(mos_model.peft_config)}")
     config = mos_model.peft_config[name]
     tensors, paths, rank_pattern = {}, [], {}
-    # Under FSDP2 every rank gathers the sharded pools (a collective); rank 0 writes.
+    # Under FSDP2 every rank gathers the sharded pools and saved tensors (collectives); rank 0 writes.
     own = dict(mos_model.mos_pools[name].items())
-    gathered, sharded = sharding.gather_pools(own)
+    gathered, pools_sharded = sharding.gather_pools(own)
     whole = {id(shared): gathered[t] for t, shared in own.items()}
     with torch.no_grad():
         for module_type, entries in mos_model.adapter_paths(name).items():
@@ -47,7 +47,9 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
                 tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().to("cpu").contiguous()
                 paths.append(path)
         plan = mos_model._saved_plans[name]
-        tensors.update(_peft_saved_keys(saved_tensors(mos_model.get_base_model(), name, plan), set(paths)))
+        saved, saved_sharded = sharding.gather_tensors(saved_tensors(mos_model.get_base_model(), name, plan))
+        tensors.update(_peft_saved_keys(saved, set(paths)))
+    sharded = pools_sharded or saved_sharded
     lora_config = {
         "peft_type": "LORA",
         "task_type": config.task_type,

@@ -355,9 +355,10 @@ class MoSModel(nn.Module):
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, selected_adapters=None,
                         save_embedding_layers="auto", is_main_process: bool = True, **unsupported) -> None:
         """Writes each adapter as adapter_config.json + adapter_model.safetensors: "default" into
-        save_directory, others into save_directory/<name> (PEFT's layout and arguments). With pools
-        sharded by FSDP2's fully_shard, call it on every rank: the pools are gathered and rank 0
-        writes. is_main_process=False writes nothing (after taking part in any gather)."""
+        save_directory, others into save_directory/<name> (PEFT's layout and arguments). Under
+        FSDP2's fully_shard, call it on every rank: the pools, modules_to_save copies and trained
+        biases are gathered and rank 0 writes. is_main_process=False writes nothing (after
+        taking part in any gather)."""
         _check_save_options(safe_serialization, save_embedding_layers, unsupported)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
@@ -369,12 +370,14 @@ class MoSModel(nn.Module):
         for name in names:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             paths = {t: [p for p, _ in entries] for t, entries in self.adapter_paths(name).items()}
-            # Under FSDP2 every rank gathers the sharded pools (a collective), rank 0 writes, and
+            # Under FSDP2 every rank gathers whatever is sharded (collectives), rank 0 writes, and
             # no rank returns before the files exist.
-            pools, sharded = sharding.gather_pools(dict(self.mos_pools[name].items()))
+            pools, pools_sharded = sharding.gather_pools(dict(self.mos_pools[name].items()))
+            saved, saved_sharded = sharding.gather_tensors(
+                saved_modules.saved_tensors(self.get_base_model(), name, self._saved_plans[name]))
+            sharded = pools_sharded or saved_sharded
             if is_main_process and (not sharded or sharding.is_writer()):
-                files.write_adapter(directory, self.peft_config[name], pools, paths, saved_modules.saved_tensors(
-                    self.get_base_model(), name, self._saved_plans[name]))
+                files.write_adapter(directory, self.peft_config[name], pools, paths, saved)
             if sharded:
                 sharding.barrier()
 

@@ -205,14 +205,15 @@ def saved_parameters(model: nn.Module, adapter_name: str, plan: SavedPlan) -> li
 
 
 def saved_tensors(model: nn.Module, adapter_name: str, plan: SavedPlan) -> dict:
-    """{"saved:<plain path>": tensor on CPU} of the adapter's module copies and biases."""
+    """{"saved:<plain path>": tensor} of the adapter's module copies and biases, detached where
+    they live: under FSDP2 a DTensor shard, which the file writers gather (sharding.gather_tensors)."""
     tensors = {}
     for path, wrapper in _wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             for name, value in wrapper.modules_to_save[adapter_name].state_dict().items():
-                tensors[f"{SAVED_PREFIX}{_plain(path)}.{name}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{SAVED_PREFIX}{_plain(path)}.{name}"] = value.detach()
     for path in plan.biases:
-        tensors[f"{SAVED_PREFIX}{path}"] = _bias(model, path).detach().to("cpu").contiguous()
+        tensors[f"{SAVED_PREFIX}{path}"] = _bias(model, path).detach()
     return tensors
 
 

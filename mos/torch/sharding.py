@@ -1,5 +1,6 @@
-"""Pools under FSDP2 (`torch.distributed.fsdp.fully_shard`): gathering sharded pools for files
-(save_pretrained and export_lora).
+"""Adapters under FSDP2 (`torch.distributed.fsdp.fully_shard`): gathering what the adapter files
+hold (save_pretrained and export_lora), the sharded pools and any sharded modules_to_save copy or
+trained bias, so that rank 0 writes whole tensors.
 
 The pools live on the MoSModel, not in any decoder layer, so `fully_shard(layer)` per layer
 leaves them to the root's `fully_shard(model)`: each pool is sharded once (rows split across
@@ -14,7 +15,7 @@ import torch
 
 from .pools import assemble_layer
 
-__all__ = ["GatheredPools", "gather_pools", "is_sharded", "is_writer", "barrier"]
+__all__ = ["GatheredPools", "gather_pools", "gather_tensors", "is_sharded", "is_writer", "barrier"]
 
 
 def _dtensor_type():
@@ -65,6 +66,16 @@ def gather_pools(pools: dict) -> tuple[dict, bool]:
                                                   _full(shared.index_a), _full(shared.index_b),
                                                   shared.d_in, shared.d_out, shared.rank)
     return gathered, sharded
+
+
+def gather_tensors(tensors: dict) -> tuple[dict, bool]:
+    """({key: whole tensor on the CPU}, whether any was sharded). Each DTensor (a parameter of a
+    module fully_shard distributed: a modules_to_save copy or a bias inside a decoder layer) is
+    all-gathered where it lives, before it moves to the CPU (NCCL gathers device tensors only):
+    a collective, so every rank of the group must call this together, with the same keys."""
+    with torch.no_grad():
+        whole = {key: _full(value).detach().to("cpu").contiguous() for key, value in tensors.items()}
+    return whole, any(is_sharded(value) for value in tensors.values())
 
 
 def _distributed() -> bool:

@@ -1,7 +1,8 @@
 """The FSDP2 test's model, data and worker: a small Llama with fully_shard per decoder layer and on
 the root, AdamW on each rank's half of every global batch, then a gathered save_pretrained and
 export_lora and a torch.distributed.checkpoint save (kept free of pytest so spawned processes
-start fast)."""
+start fast). Besides its pools the adapter trains biases and modules_to_save copies, some inside
+the decoder layers' groups and one in the root's, so the saves must gather those too."""
 import os
 
 import torch
@@ -17,9 +18,20 @@ from torch_helpers import LLAMA_KW, make_llama, mos_config
 STEPS, GLOBAL_BATCH, SEQ, WORLD = 3, 4, 8, 2
 
 
+SAVED_MODULES = ["lm_head", "post_attention_layernorm"]
+
+
+def make_base():
+    """The tiny Llama with a bias on every attention and MLP linear."""
+    return make_llama(attention_bias=True, mlp_bias=True)
+
+
 def make_model():
-    """Two decoder layers, adapters on every linear, pools starting nonzero so each step moves them."""
-    return get_mos_model(make_llama(), mos_config(init_lora_weights=False)).train()
+    """Two decoder layers, adapters on every linear, pools starting nonzero so each step moves them;
+    bias="all" trains the linears' biases, and the adapter trains its own copy of the LM head and of
+    each decoder layer's post_attention_layernorm."""
+    config = mos_config(init_lora_weights=False, bias="all", modules_to_save=SAVED_MODULES)
+    return get_mos_model(make_base(), config).train()
 
 
 def global_batches():
@@ -40,7 +52,7 @@ def train(model, batches, shard=None):
 
 
 def placement(model):
-    """{pool name: (local rows, Shard(0) over the whole world)} of every trainable parameter."""
+    """{name: (local rows, Shard(0) over the whole world)} of every trainable parameter."""
     out = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -63,7 +75,7 @@ def worker(rank, port, out_dir):
                  for k, v in model.mos_pools.state_dict().items()}
         model.save_pretrained(os.path.join(out_dir, "adapter"))  # every rank: gathers, rank 0 writes
         model.export_lora(os.path.join(out_dir, "lora"))  # the same, as a plain PEFT LoRA adapter
-        dcp.save(model.mos_pools.state_dict(), checkpoint_id=os.path.join(out_dir, "dcp"))
+        dcp.save(model.state_dict(), checkpoint_id=os.path.join(out_dir, "dcp"))  # biases, copies too
         if rank == 0:
             torch.save({"pools": pools, "layout": layout}, os.path.join(out_dir, "result.pt"))
     finally:

@@ -73,13 +73,14 @@ def test_fsdp2_two_processes_equal_single_process_and_save_loads(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     import fsdp_worker
-    from mos.torch import MoSModel
+    from mos.torch import MoSModel, get_peft_model_state_dict
 
     mp.spawn(fsdp_worker.worker, args=(_free_port(), str(tmp_path)), nprocs=fsdp_worker.WORLD, join=True)
     result = torch.load(tmp_path / "result.pt")
 
-    # Each pool is one parameter sharded by rows over both ranks (by the root's fully_shard),
-    # not one copy per decoder layer.
+    # Every trainable parameter is sharded by rows over both ranks: each pool once (by the root's
+    # fully_shard), not one copy per decoder layer; the biases and modules_to_save copies with
+    # the decoder layer or root that holds them.
     single = fsdp_worker.make_model()
     shapes = {n: p.shape for n, p in single.named_parameters() if p.requires_grad}
     assert result["layout"].keys() == shapes.keys()
@@ -87,6 +88,9 @@ def test_fsdp2_two_processes_equal_single_process_and_save_loads(tmp_path):
         assert sharded and local_rows == shapes[name][0] // fsdp_worker.WORLD, name
 
     start = {k: v.clone() for k, v in single.mos_pools.state_dict().items()}
+    start_saved = {k: v.clone() for k, v in get_peft_model_state_dict(single).items() if k.startswith("saved:")}
+    # 7 biased linears per decoder layer, the LM head's weight, each layer's norm weight.
+    assert len(start_saved) == 7 * 2 + 1 + 2
     fsdp_worker.train(single, fsdp_worker.global_batches())
     expected = single.mos_pools.state_dict()
     got = result["pools"]
@@ -96,16 +100,25 @@ def test_fsdp2_two_processes_equal_single_process_and_save_loads(tmp_path):
         if "pool_" in key:
             assert not torch.equal(value, start[key]), key  # training moved every pool
 
-    # The gathered save_pretrained loads into a single-process model that matches.
-    loaded = MoSModel.from_pretrained(fsdp_worker.make_llama(), str(tmp_path / "adapter"))
+    # The gathered save_pretrained loads into a single-process model that matches, the biases and
+    # modules_to_save copies (gathered from their shards) included.
+    loaded = MoSModel.from_pretrained(fsdp_worker.make_base(), str(tmp_path / "adapter"))
     for key, value in loaded.mos_pools.state_dict().items():
         torch.testing.assert_close(value, got[key], rtol=0, atol=0, msg=key)
+    trained = get_peft_model_state_dict(single)
+    reloaded = get_peft_model_state_dict(loaded)
+    for key, value in start_saved.items():
+        # atol 1e-4, 200x below what training moved each of them: a key bias barely changes the
+        # attention scores, so its gradient is near zero and AdamW's normalized step magnifies the
+        # fp32 rounding of the split batch there (2e-5 measured on k_proj.bias, 1e-7 elsewhere).
+        torch.testing.assert_close(reloaded[key], trained[key], rtol=0, atol=1e-4, msg=key)
+        assert (trained[key] - value).abs().max() > 0.02, key
 
-    # So does the sharded torch.distributed.checkpoint, loaded without a process group.
+    # So does the sharded torch.distributed.checkpoint of the whole model, loaded in place without
+    # a process group.
     fresh = fsdp_worker.make_model()
-    state = fresh.mos_pools.state_dict()
-    dcp.load(state, checkpoint_id=str(tmp_path / "dcp"))
-    for key, value in state.items():
+    dcp.load(fresh.state_dict(), checkpoint_id=str(tmp_path / "dcp"))
+    for key, value in fresh.mos_pools.state_dict().items():
         torch.testing.assert_close(value, got[key], rtol=0, atol=0, msg=key)
     ids = fsdp_worker.global_batches()[0]
     with torch.no_grad():
@@ -113,7 +126,7 @@ def test_fsdp2_two_processes_equal_single_process_and_save_loads(tmp_path):
 
     # The gathered export_lora loads in PEFT and gives the single-process model's outputs.
     peft = pytest.importorskip("peft")
-    lora = peft.PeftModel.from_pretrained(fsdp_worker.make_llama(), str(tmp_path / "lora")).eval()
+    lora = peft.PeftModel.from_pretrained(fsdp_worker.make_base(), str(tmp_path / "lora")).eval()
     with torch.no_grad():
         torch.testing.assert_close(lora(ids).logits, single.eval()(ids).logits, rtol=1e-4, atol=1e-5)
 
