@@ -1,5 +1,4 @@
 """The DDP test's model, data and worker, kept free of transformers/pytest so spawned processes start fast."""
-import os
 
 import torch
 import torch.distributed as dist
@@ -52,17 +51,16 @@ def train(model, batches, shard=None):
         opt.zero_grad()
 
 
-def join_group(rank, port, world=WORLD):
-    """Joins the gloo group of a spawned worker, one thread each for torch and mos's BLAS."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def join_group(rank, rendezvous, world=WORLD):
+    """Joins the gloo group of a spawned worker through a rendezvous file (no TCP port to pick, so
+    concurrent runs cannot collide), one thread each for torch and mos's BLAS."""
     torch.set_num_threads(1)
     mos.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
-def worker(rank, port, out_path):
-    join_group(rank, port)
+def worker(rank, rendezvous, out_path):
+    join_group(rank, rendezvous)
     try:
         model = make_model().train()
         train(torch.nn.parallel.DistributedDataParallel(model), global_batches(), shard=rank)

@@ -62,8 +62,8 @@ def placement(model):
     return out
 
 
-def worker(rank, port, out_dir):
-    join_group(rank, port, WORLD)
+def worker(rank, rendezvous, out_dir):
+    join_group(rank, rendezvous, WORLD)
     try:
         model = make_model()
         for layer in model.get_base_model().model.layers:

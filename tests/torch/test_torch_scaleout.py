@@ -1,5 +1,4 @@
 """Scale-out: non-reentrant gradient checkpointing, DistributedDataParallel and FSDP2 (gloo, 2 CPU processes)."""
-import socket
 
 import pytest
 import torch
@@ -44,16 +43,10 @@ def test_non_reentrant_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_ddp_two_processes_equal_single_process_on_the_global_batch(tmp_path):
     out_path = str(tmp_path / "ddp_pools.pt")
-    mp.spawn(ddp_worker.worker, args=(_free_port(), out_path), nprocs=ddp_worker.WORLD, join=True)
+    mp.spawn(ddp_worker.worker, args=(str(tmp_path / "rendezvous"), out_path), nprocs=ddp_worker.WORLD, join=True)
     ddp_pools = torch.load(out_path)
 
     single = ddp_worker.make_model().train()
@@ -75,7 +68,7 @@ def test_fsdp2_two_processes_equal_single_process_and_save_loads(tmp_path):
     import fsdp_worker
     from mos.torch import MoSModel, get_peft_model_state_dict
 
-    mp.spawn(fsdp_worker.worker, args=(_free_port(), str(tmp_path)), nprocs=fsdp_worker.WORLD, join=True)
+    mp.spawn(fsdp_worker.worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=fsdp_worker.WORLD, join=True)
     result = torch.load(tmp_path / "result.pt")
 
     # Every trainable parameter is sharded by rows over both ranks: each pool once (by the root's
