@@ -214,15 +214,20 @@ def _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, scale: float, h,
 
 def _assembled(pool_a, index_a, pool_b, index_b, rank):
     """(A, B^T) gathered from the pools: (r, d_in) and (r, d_out)."""
-    # The core range-checks its tables; this torch path must too (index_select would raise an
-    # unnamed IndexError on CPU and a device-side assert on CUDA).
-    for name, index, pool, pool_name in (("index_a", index_a, pool_a, "pool_a"),
-                                         ("index_b", index_b, pool_b, "pool_b")):
-        if index.numel() and not (int(index.min()) >= 0 and int(index.max()) < pool.shape[0]):
-            raise ValueError(f"{name}: values must be in [0, {pool.shape[0]}) (rows of {pool_name})")
-    a = pool_a.index_select(0, index_a.long()).reshape(rank, -1)
-    bt = pool_b.index_select(0, index_b.long()).reshape(rank, -1)
-    return a, bt
+    return (_gathered(pool_a, index_a, rank, "index_a", "pool_a"),
+            _gathered(pool_b, index_b, rank, "index_b", "pool_b"))
+
+
+def _gathered(pool, index, rank, index_name, pool_name):
+    """pool[index] as (rank, -1), with a ValueError naming the table for an index out of range (the
+    core range-checks its tables; this torch path must too)."""
+    bad = ValueError(f"{index_name}: values must be in [0, {pool.shape[0]}) (rows of {pool_name})")
+    if index.is_cuda and index.numel() and not (int(index.min()) >= 0 and int(index.max()) < pool.shape[0]):
+        raise bad  # checked up front: CUDA's index_select would fail with a device-side assert
+    try:
+        return pool.index_select(0, index.long()).reshape(rank, -1)
+    except IndexError:  # CPU's index_select checks every index itself: no extra pass on the hot path
+        raise bad from None
 
 
 def _fallback_forward(x, pool_a, index_a, pool_b, index_b, scale, base, save_h):
