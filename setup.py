@@ -19,16 +19,12 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent.resolve()
-CUDA_ARCHS = ["-gencode", "arch=compute_80,code=sm_80",
-              "-gencode", "arch=compute_90,code=sm_90",
-              "-gencode", "arch=compute_90,code=compute_90"]
+DEFAULT_CUDA_ARCHS = "80,90"
 
 
 def cuda_archs():
-    """nvcc -gencode flags: MOS_CUDA_ARCHS's machine code (and PTX of the newest), else the default."""
-    chosen = os.environ.get("MOS_CUDA_ARCHS", "").replace(" ", "")
-    if not chosen:
-        return CUDA_ARCHS
+    """nvcc -gencode flags: machine code for each of MOS_CUDA_ARCHS (default 80,90) and PTX of the newest."""
+    chosen = os.environ.get("MOS_CUDA_ARCHS", "").replace(" ", "") or DEFAULT_CUDA_ARCHS
     archs = chosen.split(",")
     if not all(a.isdigit() for a in archs):
         sys.exit(f"MOS_CUDA_ARCHS must be compute capabilities like 90 or 80,90, got {chosen!r}")
@@ -103,12 +99,12 @@ class BuildExt(build_ext):
             cublas_inc, cublas_lib, cublas_name = cublas
             out_dir = Path(self.build_temp) / "cuda"
             out_dir.mkdir(parents=True, exist_ok=True)
-            objects = []
+            objects, archs = [], cuda_archs()
             for cu in cu_files:
                 obj = out_dir / (cu.stem + ".o")
                 cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-Wall,-Wextra",
                        "-Werror", "all-warnings", "-DMOS_WITH_CUDA", f"-I{HERE / 'csrc'}", f"-I{cublas_inc}",
-                       *cuda_archs(), "-c", str(cu), "-o", str(obj)]
+                       *archs, "-c", str(cu), "-o", str(obj)]
                 print(" ".join(cmd))
                 subprocess.check_call(cmd)
                 objects.append(str(obj))

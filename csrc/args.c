@@ -240,8 +240,12 @@ static double largest_finite(mos_dtype dtype) {
     return DBL_MAX;
 }
 
+int mos_is_finite_in(double value, mos_dtype dtype) {
+    return fabs(value) <= largest_finite(dtype);
+}
+
 int mos_require_finite_in(double value, mos_dtype dtype, const char *name) {
-    if (fabs(value) <= largest_finite(dtype)) return 0;
+    if (mos_is_finite_in(value, dtype)) return 0;
     char text[32];
     snprintf(text, sizeof text, "%g", value);
     PyErr_Format(PyExc_ValueError, "%s = %s is not finite in %s, the pools' dtype", name, text,

@@ -51,6 +51,9 @@ int mos_parse_u64(PyObject *obj, const char *name, unsigned long long *out);
 /* A finite real number. 0 or -1. */
 int mos_parse_double(PyObject *obj, const char *name, double *out);
 
+/* 1 when |value| fits the largest finite value of dtype (NaN does not), else 0. */
+int mos_is_finite_in(double value, mos_dtype dtype);
+
 /* |value| fits the largest finite value of dtype: a larger scale makes every output inf or NaN. */
 int mos_require_finite_in(double value, mos_dtype dtype, const char *name);
 

@@ -628,9 +628,12 @@ static PyObject *batched_forward(PyObject *module, PyObject *const *args, Py_ssi
                 PyErr_Format(PyExc_ValueError, "scales[%lld] = %s must be finite", (long long)a, text);
                 goto fail;
             }
-            char what[40];
-            snprintf(what, sizeof what, "scales[%lld]", (long long)a);
-            if (mos_require_finite_in(s, x->dtype, what) < 0) goto fail;
+            if (!mos_is_finite_in(s, x->dtype)) {  /* the message is built only on failure */
+                char what[40];
+                snprintf(what, sizeof what, "scales[%lld]", (long long)a);
+                mos_require_finite_in(s, x->dtype, what);
+                goto fail;
+            }
         }
     }
     if (check_int_table(ids, x, n_rows, -1, "one adapter id per row of x") < 0 ||
