@@ -14,12 +14,13 @@ import mos
 from mos import _C
 from mos import functional as F
 
+from dlpack_producer import DL_CUDA, DLDevice
+
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="a GPU is visible: relabelled host memory must not reach it")
 
-DL_CUDA = 2
 STREAM = 0x5EED0  # any positive value: no call gets as far as using it
 if mos.build_info()["cuda"]:
     CUDA_RUNTIME_ERROR = r"(cuda|cublas)\w+ failed: "  # e.g. "cudaGetDevice failed: ..."
@@ -33,10 +34,6 @@ _capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.p
                                                                        ctypes.c_char_p]
 
 
-class _DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
-
-
 # Offset of DLTensor inside the managed struct: after version, manager_ctx, deleter and flags in
 # DLManagedTensorVersioned, first in the legacy DLManagedTensor; its device follows `void *data`.
 _TENSOR_OFFSET = {b"dltensor_versioned": 32, b"dltensor": 0}
@@ -45,7 +42,7 @@ _TENSOR_OFFSET = {b"dltensor_versioned": 32, b"dltensor": 0}
 def relabel_as_cuda(capsule, device_id=0):
     name = _capsule_name(capsule)
     base = _capsule_pointer(capsule, name)
-    device = _DLDevice.from_address(base + _TENSOR_OFFSET[name] + ctypes.sizeof(ctypes.c_void_p))
+    device = DLDevice.from_address(base + _TENSOR_OFFSET[name] + ctypes.sizeof(ctypes.c_void_p))
     device.device_type, device.device_id = DL_CUDA, device_id
     return capsule
 
@@ -122,25 +119,25 @@ class Problem:
         return args
 
 
-def call_entry(entry, p):
+def call_entry(entry, p, stream=STREAM):
     """Runs one entry point on CUDA-labelled tensors; returns the tensors it may write."""
     lab = CudaLabelled
     if entry == "forward":
         _C.linear_forward(lab(p.y), lab(p.x), lab(p.pool_a), lab(p.index_a), lab(p.pool_b),
                           lab(p.index_b), 0.5, workspace=lab(p.linear_workspace(False)),
-                          stream=STREAM)
+                          stream=stream)
     elif entry == "backward":
         _C.linear_backward(lab(p.dx), lab(p.dpool_a), lab(p.dpool_b), lab(p.dy), lab(p.x),
                            lab(p.pool_a), lab(p.index_a), lab(p.pool_b), lab(p.index_b), 0.5,
-                           workspace=lab(p.linear_workspace(True)), stream=STREAM)
+                           workspace=lab(p.linear_workspace(True)), stream=stream)
     elif entry == "assemble":
-        _C.assemble(lab(p.rows), lab(p.pool_a), lab(p.index_a), stream=STREAM)
+        _C.assemble(lab(p.rows), lab(p.pool_a), lab(p.index_a), stream=stream)
     elif entry == "scatter_add":
-        _C.scatter_add(lab(p.dpool_a), lab(p.rows), lab(p.index_a), stream=STREAM)
+        _C.scatter_add(lab(p.dpool_a), lab(p.rows), lab(p.index_a), stream=stream)
     else:
         grouped = entry.startswith("batched_grouped")
         args = p.batched(grouped, segments=entry.endswith("segments"))
-        _C.batched_forward(**{k: lab(v) for k, v in args.items()}, grouped=grouped, stream=STREAM)
+        _C.batched_forward(**{k: lab(v) for k, v in args.items()}, grouped=grouped, stream=stream)
 
 
 ENTRIES = ["forward", "backward", "assemble", "scatter_add", "batched_per_row", "batched_grouped",
@@ -188,14 +185,9 @@ def test_cuda_workspace_must_include_the_cublas_slice():
 @pytest.mark.parametrize("stream", [-1, -2, -(2 ** 40)])
 @pytest.mark.parametrize("entry", ["forward", "assemble", "batched_per_row"])
 def test_negative_streams_are_refused(entry, stream):
-    global STREAM
     p = Problem(torch.float32)
-    saved, STREAM = STREAM, stream
-    try:
-        with pytest.raises(ValueError, match=re.escape(f"stream={stream} is invalid")):
-            call_entry(entry, p)
-    finally:
-        STREAM = saved
+    with pytest.raises(ValueError, match=re.escape(f"stream={stream} is invalid")):
+        call_entry(entry, p, stream=stream)
 
 
 @pytest.mark.parametrize("op", ["assemble", "scatter_add"])

@@ -231,6 +231,11 @@ def _gathered(pool, index, rank, index_name, pool_name):
 
 
 def _fallback_forward(x, pool_a, index_a, pool_b, index_b, scale, base, save_h):
+    # The core checks this for the dtypes it runs; here (16-bit CPU pools, ...) a scale beyond the
+    # dtype's range would silently turn every output into inf/NaN.
+    if not abs(scale) <= torch.finfo(pool_a.dtype).max:
+        raise ValueError(f"scale = {scale:g} is not finite in {str(pool_a.dtype).removeprefix('torch.')}, "
+                         f"the pools' dtype")
     _, _, _, rank, _ = _dims(x, pool_a, index_a, pool_b)
     a, bt = _assembled(pool_a, index_a, pool_b, index_b, rank)
     h = x @ a.T
@@ -353,11 +358,6 @@ def adapter_linear(x: torch.Tensor, pool_a: torch.Tensor, index_a: torch.Tensor,
     # x A^T is only needed again for B's gradient; keep it (N x r, small) instead of recomputing.
     save_h = torch.is_grad_enabled() and pool_b.requires_grad
     scale = float(scale)
-    # The core checks this for the dtypes it runs; 16-bit CPU pools take the torch fallback,
-    # where a scale beyond the dtype's range would silently turn every output into inf/NaN.
-    if not abs(scale) <= torch.finfo(pool_a.dtype).max:
-        raise ValueError(f"scale = {scale:g} is not finite in {str(pool_a.dtype).removeprefix('torch.')}, "
-                         f"the pools' dtype")
     if torch.compiler.is_compiling():
         y, _ = torch.ops.mos.linear_forward(x2, pool_a, index_a, pool_b, index_b, scale, base2, save_h)
     else:
