@@ -117,8 +117,8 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
     With `weight` (d_out, d_in) and optional `bias`, computes the whole layer
     x W^T + bias + scale * (x A^T) B^T (CPU). `h` (N, r) receives x A^T when given."""
     d_in, shard_len_a = _adapter_inputs(x, pool_a, index_a, pool_b, index_b)
-    _stream(stream)
-    _tensor(out, "out", optional=True)
+    stream = _stream(stream)
+    out = _tensor(out, "out", optional=True)
     _tensor(h, "h", 2, optional=True)
     _tensor(bias, "bias", 1, optional=True)
     _tensor(workspace, "workspace", 1, optional=True)
@@ -127,7 +127,7 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
     if weight is not None:
         d_out = int(_tensor(weight, "weight", 2).shape[0])
     elif out is not None:
-        d_out = _columns(_tensor(out, "out"), "out", "d_out")
+        d_out = _columns(out, "out", "d_out")
     else:
         d_out = int(pool_b.shape[1]) * (d_in // shard_len_a)
     y, y2 = _output_rows(x, lead, d_out, out)
@@ -135,7 +135,7 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
         _named(_C.linear_forward_full, _OUT, y2, x2, weight, bias, pool_a, index_a, pool_b, index_b, scale)
     else:
         r = int(index_a.shape[0]) * shard_len_a // d_in
-        workspace, stream = _cuda_context(x2, workspace, _stream(stream), int(x2.shape[0]), d_in,
+        workspace, stream = _cuda_context(x2, workspace, stream, int(x2.shape[0]), d_in,
                                           d_out, max(r, 1), False, h is not None)
         _named(_C.linear_forward, _OUT, y2, x2, pool_a, index_a, pool_b, index_b, scale, h, workspace,
                stream)
@@ -207,7 +207,7 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
     lead = tuple(x.shape[:-1])
     n_rows = int(x2.shape[0])
     if out is not None:
-        d_out = _columns(_tensor(out, "out"), "out", "d_out")
+        d_out = _columns(out, "out", "d_out")
     else:
         d_out = int(pool_b.shape[1]) * (d_in // shard_len_a)
     adapter_ids = _int32_like(adapter_ids, x, "adapter_ids")
