@@ -15,6 +15,7 @@ from ..config import MoSConfig
 from ..pool import ShardPool
 from ..ranks import fit_ranks
 from . import files, misuse, saved_modules, sharding
+from .fall_through import FallThroughModule
 from .layer import MoSLinear
 from .pools import SharedPools
 from .targets import default_target_modules, find_targets, listed_targets
@@ -27,7 +28,7 @@ def get_mos_model(model: nn.Module, config: MoSConfig, adapter_name: str = "defa
     return MoSModel(model, config, adapter_name)
 
 
-class MoSModel(nn.Module):
+class MoSModel(FallThroughModule):
     """A model whose target nn.Linear layers are MoSLinear, plus the pools they share.
 
     `base_model.model` (also get_base_model()) is the model passed in, modified in place, as in
@@ -82,13 +83,10 @@ class MoSModel(nn.Module):
         forward.__signature__ = signature
         self.forward = types.MethodType(forward, self)
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_model", "mos_pools") or "_modules" not in self.__dict__:
-                raise
-            return getattr(self._modules["base_model"], name)
+    _own_attributes = ("base_model", "mos_pools")
+
+    def _fall_through_target(self):
+        return self._modules["base_model"]
 
     # ------------------------------------------------------------------ running
     def forward(self, *args, adapter_names=None, labels=None, **kwargs):
@@ -441,7 +439,7 @@ def _check_save_options(safe_serialization, save_embedding_layers, unsupported):
                          f"linear layers only, so there are no embedding layers to save")
 
 
-class TunedModel(nn.Module):
+class TunedModel(FallThroughModule):
     """PEFT's `base_model` level (where LoraModel sits): `model` is the model passed in, and calls
     and unknown attributes go to it, so `mos_model.base_model.model` is the model, as in PEFT."""
 
@@ -452,13 +450,10 @@ class TunedModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model" or "_modules" not in self.__dict__:
-                raise
-            return getattr(self._modules["model"], name)
+    _own_attributes = ("model",)
+
+    def _fall_through_target(self):
+        return self._modules["model"]
 
 
 def _active_names(adapter_name, configs, saved_plans) -> list:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .call_context import current_batch
+from .fall_through import FallThroughModule
 from .files import SAVED_PREFIX
 
 __all__ = ["ModulesToSaveWrapper", "SavedPlan", "plan_saved", "install_saved", "saved_tensors",
@@ -32,7 +33,7 @@ _HEAD_NAMES = ("classifier", "score")
 _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(FallThroughModule):
     """Holds the original module and one trainable copy per adapter; runs the active adapter's
     copy (the original when adapters are disabled or the active adapter has no copy), or inside a
     mixed-adapter batch each sample's own."""
@@ -91,13 +92,10 @@ class ModulesToSaveWrapper(nn.Module):
         inverse = torch.from_numpy(np.argsort(order)).to(x.device)
         return torch.cat(outputs).index_select(0, inverse)
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "modules_to_save") or "_modules" not in self.__dict__:
-                raise
-            return getattr(self.active_module, name)  # weight, out_features, ... of what runs
+    _own_attributes = ("original_module", "modules_to_save")
+
+    def _fall_through_target(self):
+        return self.active_module  # weight, out_features, ... of what runs
 
 
 @dataclasses.dataclass
