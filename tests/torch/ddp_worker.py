@@ -1,12 +1,12 @@
 """The DDP test's model, data and worker, kept free of transformers/pytest so spawned processes start fast."""
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import mos
 from mos.torch import get_mos_model
+from spawned_group import spawned_group
 
 STEPS, GLOBAL_BATCH, WORLD, WIDTH = 3, 8, 2, 16
 
@@ -51,20 +51,9 @@ def train(model, batches, shard=None):
         opt.zero_grad()
 
 
-def join_group(rank, rendezvous, world=WORLD):
-    """Joins the gloo group of a spawned worker through a rendezvous file (no TCP port to pick, so
-    concurrent runs cannot collide), one thread each for torch and mos's BLAS."""
-    torch.set_num_threads(1)
-    mos.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-
-
 def worker(rank, rendezvous, out_path):
-    join_group(rank, rendezvous)
-    try:
+    with spawned_group(rank, rendezvous, WORLD):
         model = make_model().train()
         train(torch.nn.parallel.DistributedDataParallel(model), global_batches(), shard=rank)
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in model.mos_pools.state_dict().items()}, out_path)
-    finally:
-        dist.destroy_process_group()

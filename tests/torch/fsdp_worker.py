@@ -6,13 +6,12 @@ the decoder layers' groups and one in the root's, so the saves must gather those
 import os
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from ddp_worker import join_group
 from mos.torch import get_mos_model
+from spawned_group import spawned_group
 from torch_helpers import LLAMA_KW, make_llama, mos_config
 
 STEPS, GLOBAL_BATCH, SEQ, WORLD = 3, 4, 8, 2
@@ -63,8 +62,7 @@ def placement(model):
 
 
 def worker(rank, rendezvous, out_dir):
-    join_group(rank, rendezvous, WORLD)
-    try:
+    with spawned_group(rank, rendezvous, WORLD):
         model = make_model()
         for layer in model.get_base_model().model.layers:
             fully_shard(layer)
@@ -78,5 +76,3 @@ def worker(rank, rendezvous, out_dir):
         dcp.save(model.state_dict(), checkpoint_id=os.path.join(out_dir, "dcp"))  # biases, copies too
         if rank == 0:
             torch.save({"pools": pools, "layout": layout}, os.path.join(out_dir, "result.pt"))
-    finally:
-        dist.destroy_process_group()
