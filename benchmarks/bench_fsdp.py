@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 from collections import Counter
@@ -53,12 +52,11 @@ def _counting(fn, counter, kind):
     return wrapped
 
 
-def worker(rank, port, out_path):
+def worker(rank, rendezvous, out_path):
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     results = {}
     try:
         counter = Counter()
@@ -80,8 +78,13 @@ def worker(rank, port, out_path):
             results[method] = dict(counter, trainable=trainable)
         if rank == 0:
             torch.save(results, out_path)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # gloo's teardown during interpreter finalization can abort a finished process (SIGABRT,
+    # "terminate called without an active exception"); the results are written, so leave now.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def fmt_bytes(n):
@@ -109,12 +112,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "counts.pt")
-        mp.spawn(worker, args=(port, out_path), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(os.path.join(tmp, "rendezvous"), out_path), nprocs=WORLD, join=True)
         results = torch.load(out_path)
     text = render(results)
     print(text)
