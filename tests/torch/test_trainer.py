@@ -101,6 +101,28 @@ def test_mos_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
         assert torch.equal(value, final[key]), key
 
 
+def test_plain_trainer_checkpoints_resume_exactly(tmp_path):
+    # A plain Trainer saves the whole model's state_dict (model.safetensors) and reloads it on
+    # resume; the pools and index tables are ordinary entries in it.
+    torch.manual_seed(0)
+    model = _model()
+    transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=TokenRows()).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert "model.safetensors" in os.listdir(checkpoint)
+    final = _pools(model)
+
+    torch.manual_seed(0)
+    resumed = _model()
+    start = _pools(resumed)
+    again = transformers.Trainer(model=resumed, args=_args(tmp_path, output_dir=str(tmp_path / "again")),
+                                 train_dataset=TokenRows())
+    again.train(resume_from_checkpoint=str(checkpoint))
+    assert again.state.global_step == 4
+    for key, value in _pools(resumed).items():
+        assert torch.equal(value, final[key]), key
+    assert any(not torch.equal(final[k], start[k]) for k in final if "pool_b" in k)
+
+
 def test_restore_refuses_another_adapter(tmp_path):
     model = _model()
     model.save_pretrained(tmp_path / "a")
