@@ -1,168 +1,42 @@
-/* args.c -- argument validation for the binding: every check runs before any output is touched. */
+/* args.c -- the binding's argument parsing: names, scalars and tensors (args.h). */
 #include "args.h"
 
-#include <float.h>
+#include <limits.h>
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
-int mos_import_optional(PyObject *obj, const char *name, int ndim, mos_view *v, PyObject *stream) {
-    if (obj == NULL || obj == Py_None) {
-        memset(v, 0, sizeof *v);
-        v->name = name;
-        return 0;
-    }
-    return mos_view_import(obj, name, ndim, v, stream);
-}
+/* ---------------------------------------------------------------- fastcall arguments */
 
-int mos_require_dtype(const mos_view *v, mos_dtype dtype, const char *reference) {
-    if (v->kind != MOS_KIND_FLOAT) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a floating-point tensor, got %s", v->name,
-                     mos_view_kind_name(v));
+int mos_parse_args(const char *function, PyObject *const *args, Py_ssize_t nargs,
+                   PyObject *kwnames, const char *const *names, int n_names, int n_required,
+                   PyObject **objs) {
+    if (nargs > n_names) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", function,
+                     n_names, nargs);
         return -1;
     }
-    if (v->dtype != dtype) {
-        PyErr_Format(PyExc_TypeError, "%s: dtype %s does not match %s's %s", v->name,
-                     mos_dtype_name(v->dtype), reference, mos_dtype_name(dtype));
-        return -1;
-    }
-    return 0;
-}
-
-int mos_require_index(mos_view *v) {
-    if (v->kind != MOS_KIND_INT32) {
-        PyErr_Format(PyExc_TypeError, "%s: index tables must be int32, got %s", v->name,
-                     mos_view_kind_name(v));
-        return -1;
-    }
-    /* Checked and then read without the GIL: validate and use a private copy, never the
-     * caller's memory, which another Python thread could change in between. */
-    return mos_require_contiguous(v) < 0 ? -1 : mos_view_pin(v);
-}
-
-int mos_require_dim(const mos_view *v, int d, int64_t expected, const char *meaning) {
-    if (v->shape[d] != expected) {
-        PyErr_Format(PyExc_ValueError, "%s: dimension %d is %lld, expected %lld (%s)", v->name, d,
-                     (long long)v->shape[d], (long long)expected, meaning);
-        return -1;
-    }
-    return 0;
-}
-
-int mos_require_rows(mos_view *v) {
-    const int64_t rows = v->shape[0], cols = v->shape[1];
-    if (rows == 0 || cols == 0) {  /* empty: strides are meaningless (NumPy reports 0) */
-        v->strides[0] = cols > 0 ? cols : 1;
-        v->strides[1] = 1;
-        return 0;
-    }
-    if (cols > 1 && v->strides[1] != 1) {
-        PyErr_Format(PyExc_BufferError,
-                     "%s: columns must be contiguous (column stride %lld, expected 1); pass a "
-                     "contiguous copy", v->name, (long long)v->strides[1]);
-        return -1;
-    }
-    v->strides[1] = 1;
-    if (rows <= 1) {
-        v->strides[0] = cols > 0 ? cols : 1;
-    } else if (v->strides[0] < (cols > 0 ? cols : 1)) {
-        PyErr_Format(PyExc_BufferError,
-                     "%s: row stride %lld is smaller than the row length %lld (overlapping, "
-                     "broadcast or reversed rows are not supported)", v->name,
-                     (long long)v->strides[0], (long long)cols);
-        return -1;
-    }
-    return 0;
-}
-
-int mos_require_contiguous(const mos_view *v) {
-    for (int d = 0; d < v->ndim; ++d)
-        if (v->shape[d] == 0) return 0;  /* empty tensors are trivially contiguous */
-    int64_t expected = 1;
-    for (int d = v->ndim - 1; d >= 0; --d) {
-        if (v->shape[d] > 1 && v->strides[d] != expected) {
-            PyErr_Format(PyExc_BufferError, "%s: must be contiguous (row-major)", v->name);
+    for (int i = 0; i < n_names; ++i) objs[i] = i < nargs ? args[i] : NULL;
+    Py_ssize_t n_kw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < n_kw; ++k) {
+        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, k));
+        if (!key) return -1;
+        int found = -1;
+        for (int i = 0; i < n_names; ++i)
+            if (strcmp(key, names[i]) == 0) found = i;
+        if (found < 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%s'", function, key);
             return -1;
         }
-        expected *= v->shape[d];
-    }
-    return 0;
-}
-
-int mos_require_writable(const mos_view *v) {
-    if (v->readonly) {
-        PyErr_Format(PyExc_BufferError, "%s: output is read-only", v->name);
-        return -1;
-    }
-    return 0;
-}
-
-int mos_require_same_device(const mos_view *v, const mos_view *ref) {
-    if (v->device != ref->device || v->device_id != ref->device_id) {
-        PyErr_Format(PyExc_BufferError, "%s: is on %s:%d but %s is on %s:%d", v->name,
-                     v->device == MOS_DEVICE_CUDA ? "cuda" : "cpu", v->device_id, ref->name,
-                     ref->device == MOS_DEVICE_CUDA ? "cuda" : "cpu", ref->device_id);
-        return -1;
-    }
-    return 0;
-}
-
-int mos_require_blas_sizes(const mos_view *v) {
-    for (int d = 0; d < v->ndim; ++d) {
-        if (v->shape[d] >= INT32_MAX || v->strides[d] >= INT32_MAX) {
-            PyErr_Format(PyExc_ValueError, "%s: dimension or stride %d exceeds 2^31 - 1", v->name, d);
+        if (objs[found]) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", function, key);
             return -1;
         }
+        objs[found] = args[nargs + k];
     }
-    return 0;
-}
-
-int mos_require_index_range(const mos_view *v, const mos_view *pool, int distinct) {
-    if (v->device != MOS_DEVICE_CPU) return 0;  /* device tables: checked where they are built */
-    const int32_t *index = v->data;
-    const int64_t n = v->shape[0], bound = pool->shape[0];
-    for (int64_t i = 0; i < n; ++i) {
-        if (index[i] < 0 || index[i] >= bound) {
-            PyErr_Format(PyExc_ValueError, "%s[%lld] = %d is out of range [0, %lld) (rows of %s)",
-                         v->name, (long long)i, (int)index[i], (long long)bound, pool->name);
+    for (int i = 0; i < n_required; ++i) {
+        if (!objs[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", function, names[i]);
             return -1;
-        }
-    }
-    if (!distinct || n < 2) return 0;
-    /* A bitmap over the pool rows: O(n + bound / 8) and no sort. */
-    unsigned char *seen = calloc((size_t)(bound + 7) / 8, 1);
-    if (!seen) { PyErr_NoMemory(); return -1; }
-    int status = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        unsigned char bit = (unsigned char)(1u << (index[i] & 7));
-        if (seen[index[i] >> 3] & bit) {
-            PyErr_Format(PyExc_ValueError, "%s[%lld] = %d repeats an earlier entry; a layer's "
-                         "indices must be distinct", v->name, (long long)i, (int)index[i]);
-            status = -1;
-            break;
-        }
-        seen[index[i] >> 3] |= bit;
-    }
-    free(seen);
-    return status;
-}
-
-int mos_require_no_overlap(mos_view *const *outputs, int n_outputs, mos_view *const *all, int n_all) {
-    for (int i = 0; i < n_outputs; ++i) {
-        const mos_view *out = outputs[i];
-        if (!out->data) continue;
-        uintptr_t olo, ohi;
-        mos_view_span(out, &olo, &ohi);
-        for (int j = 0; j < n_all; ++j) {
-            const mos_view *other = all[j];
-            if (other == out || !other->data || other->device != out->device) continue;
-            uintptr_t lo, hi;
-            mos_view_span(other, &lo, &hi);
-            if (olo < hi && lo < ohi) {
-                PyErr_Format(PyExc_BufferError, "%s: output memory overlaps %s", out->name,
-                             other->name);
-                return -1;
-            }
         }
     }
     return 0;
@@ -230,29 +104,6 @@ int mos_parse_double(PyObject *obj, const char *name, double *out) {
     return 0;
 }
 
-static double largest_finite(mos_dtype dtype) {
-    switch (dtype) {
-    case MOS_F32: return FLT_MAX;
-    case MOS_F16: return 65504.0;
-    case MOS_BF16: return 3.3895313892515355e38;
-    case MOS_F64: break;
-    }
-    return DBL_MAX;
-}
-
-int mos_is_finite_in(double value, mos_dtype dtype) {
-    return fabs(value) <= largest_finite(dtype);
-}
-
-int mos_require_finite_in(double value, mos_dtype dtype, const char *name) {
-    if (mos_is_finite_in(value, dtype)) return 0;
-    char text[32];
-    snprintf(text, sizeof text, "%g", value);
-    PyErr_Format(PyExc_ValueError, "%s = %s is not finite in %s, the pools' dtype", name, text,
-                 mos_dtype_name(dtype));
-    return -1;
-}
-
 int mos_parse_name(PyObject *obj, const char *name, const char **out) {
     if (!PyUnicode_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s: expected a str, got %.100s", name, Py_TYPE(obj)->tp_name);
@@ -268,15 +119,74 @@ int mos_parse_name(PyObject *obj, const char *name, const char **out) {
     return 0;
 }
 
-PyObject *mos_raise_status(mos_status status, const char *function) {
-    PyObject *type;
-    switch (status) {
-    case MOS_ERR_VALUE: type = PyExc_ValueError; break;
-    case MOS_ERR_TYPE: type = PyExc_TypeError; break;
-    case MOS_ERR_BUFFER: type = PyExc_BufferError; break;
-    case MOS_ERR_NOMEM: type = PyExc_MemoryError; break;
-    default: type = PyExc_RuntimeError; break;
+int mos_parse_itemsize(PyObject *obj, mos_dtype *dtype) {
+    long long itemsize;
+    if (mos_parse_int(obj, "itemsize", 2, 8, &itemsize) < 0) return -1;
+    if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
+        PyErr_Format(PyExc_ValueError, "itemsize must be 2, 4 or 8, got %lld", itemsize);
+        return -1;
     }
-    PyErr_Format(type, "%s: %s", function, mos_last_error());
-    return NULL;
+    *dtype = itemsize == 8 ? MOS_F64 : itemsize == 4 ? MOS_F32 : MOS_F16;
+    return 0;
+}
+
+int mos_parse_flag(PyObject *obj, int *flag) {
+    if (!obj) return 0;
+    *flag = PyObject_IsTrue(obj);
+    return *flag < 0 ? -1 : 0;
+}
+
+int mos_parse_stream(PyObject *obj, void **stream) {
+    if (obj == NULL || obj == Py_None) { *stream = (void *)(uintptr_t)1; return 0; }
+    long long value;
+    if (mos_parse_int(obj, "stream", LLONG_MIN, LLONG_MAX, &value) < 0) return -1;
+    if (value == 0) {
+        PyErr_SetString(PyExc_ValueError, "stream=0 is invalid in DLPack; use 1 for the legacy default stream");
+        return -1;
+    }
+    if (value < 0) {
+        PyErr_Format(PyExc_ValueError, "stream=%lld is invalid: pass the stream to launch on (a "
+                     "cudaStream_t, 1 for the legacy default stream) or None", value);
+        return -1;
+    }
+    *stream = (void *)(uintptr_t)value;
+    return 0;
+}
+
+int mos_parse_pool_shape(PyObject *const *objs, mos_pool_shape *s) {
+    static const char *const fields[] = {"d_in", "d_out", "n_layers", "r", "equivalent_rank",
+                                         "shards_per_vector", "private_rank"};
+    long long v[7];
+    int subset = 1;
+    memset(s, 0, sizeof *s);
+    for (int i = 0; i < 7; ++i)
+        if (mos_parse_int(objs[i], fields[i], LLONG_MIN, LLONG_MAX, &v[i]) < 0) return -1;
+    if (mos_parse_flag(objs[7], &subset) < 0) return -1;
+    *s = (mos_pool_shape){.d_in = v[0], .d_out = v[1], .n_layers = v[2], .rank = v[3],
+                          .equivalent_rank = v[4], .shards_per_vector = v[5], .private_rank = v[6],
+                          .subset_selection = subset};
+    return 0;
+}
+
+/* ---------------------------------------------------------------- tensor arguments */
+
+int mos_import_optional(PyObject *obj, const char *name, int ndim, mos_view *v, PyObject *stream) {
+    if (obj == NULL || obj == Py_None) {
+        memset(v, 0, sizeof *v);
+        v->name = name;
+        return 0;
+    }
+    return mos_view_import(obj, name, ndim, v, stream);
+}
+
+int mos_import_tensors(PyObject *const *objs, const mos_tensor_arg *args, int n, mos_view *views,
+                       PyObject *stream) {
+    for (int i = 0; i < n; ++i) {
+        const mos_tensor_arg *a = &args[i];
+        PyObject *obj = objs[a->arg];
+        if ((a->optional ? mos_import_optional(obj, a->name, a->ndim, &views[a->slot], stream)
+                         : mos_view_import(obj, a->name, a->ndim, &views[a->slot], stream)) < 0)
+            return -1;
+    }
+    return 0;
 }

@@ -62,15 +62,13 @@ static int use_direct(const mos_linear_params *p) {
 /* Carves the caller's workspace, or mallocs one (the CPU path may allocate). */
 static mos_status workspace_open(mos_workspace_layout *w, void **owned, const mos_linear_params *p,
                                  mos_linear_op op) {
-    size_t bytes = mos_linear_workspace_bytes(p, op);
     void *base = p->workspace;
+    size_t bytes = p->workspace_bytes;
     *owned = NULL;
     if (base == NULL) {
-        base = *owned = aligned_alloc(256, bytes ? bytes : 256);
+        bytes = mos_linear_workspace_bytes(p, op);
+        base = *owned = aligned_alloc(MOS_WORKSPACE_ALIGN, bytes ? bytes : MOS_WORKSPACE_ALIGN);
         MOS_CHECK(base != NULL, MOS_ERR_NOMEM, "cannot allocate a %zu-byte workspace", bytes);
-    } else {
-        MOS_CHECK(p->workspace_bytes >= bytes, MOS_ERR_VALUE,
-                  "workspace holds %zu bytes, the op needs %zu", p->workspace_bytes, bytes);
     }
     mos_status st = mos_workspace_carve(w, p, op, base, bytes);
     if (st != MOS_OK) free(*owned);

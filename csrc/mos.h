@@ -92,7 +92,7 @@ mos_status mos_route_indices(int32_t *out, const mos_pool_shape *shape, uint64_t
 /* The 64-bit key every draw of (seed, pool_name, layer, side) starts from (documented in routes.c). */
 uint64_t mos_route_key(uint64_t seed, const char *pool_name, int64_t layer, mos_side side);
 
-/* ---------------------------------------------------------------- ops (cpu.c / cuda/) */
+/* ---------------------------------------------------------------- ops (ops.c -> cpu.c / cuda/) */
 
 /* One gather or scatter between a pool and a block of rows. assemble writes `rows`,
  * scatter_add writes `pool`; the other side is read. */
@@ -168,6 +168,9 @@ typedef enum { MOS_OP_FORWARD = 0, MOS_OP_BACKWARD = 1 } mos_linear_op;
  * captured in CUDA graphs and one handle can serve several streams. */
 #define MOS_CUBLAS_WORKSPACE_BYTES ((size_t)32 << 20)
 
+/* Every workspace, and every segment carved from it, starts on this many bytes (workspace.c). */
+#define MOS_WORKSPACE_ALIGN 256
+
 /* Segments of a linear workspace: a, bt, h, g, da, dbt and the cuBLAS slice. */
 #define MOS_WORKSPACE_SEGMENTS 7
 
@@ -184,11 +187,11 @@ typedef struct {
     void *g;    /* (N, r): scale * dy B (backward) */
     void *da;   /* (r, d_in): gradient of A before the scatter (backward) */
     void *dbt;  /* (r, d_out): gradient of B^T before the scatter (backward) */
-    void *blas; /* CUDA only: cuBLAS's workspace, blas_bytes long (256-byte aligned) */
+    void *blas; /* CUDA only: cuBLAS's workspace, blas_bytes long (aligned like every segment) */
     size_t blas_bytes;
 } mos_workspace_layout;
 
-/* Cuts `base` (bytes long, 256-byte aligned) into the segments `op` needs. */
+/* Cuts `base` (bytes long, MOS_WORKSPACE_ALIGN-aligned) into the segments `op` needs. */
 mos_status mos_workspace_carve(mos_workspace_layout *w, const mos_linear_params *p,
                                mos_linear_op op, void *base, size_t bytes);
 
@@ -250,7 +253,7 @@ typedef struct {
     void *y;                   /* (N, d_out), row stride y_stride; accumulated */
     int64_t y_stride;
 
-    void *workspace;           /* CUDA: >= mos_batched_workspace_bytes(), 256-byte aligned;
+    void *workspace;           /* CUDA: >= mos_batched_workspace_bytes(), MOS_WORKSPACE_ALIGN-aligned;
                                   CPU: ignored (the CPU path allocates what the groups need) */
     size_t workspace_bytes;
 } mos_batched_params;

@@ -1,56 +1,9 @@
 /*
- * ops.c -- the device-independent entry points: workspace sizing and carving, then dispatch to
- * the CPU or CUDA back end. Arguments were validated by the caller (the binding); the checks here
- * only guard the core's own invariants.
+ * ops.c -- the device-independent entry points: the core's own invariants, then dispatch to the
+ * CPU or CUDA back end. Arguments were validated by the caller (the binding); the checks here only
+ * guard the core's own invariants. Workspace sizing and carving live in workspace.c.
  */
 #include "check.h"
-
-#define WORKSPACE_ALIGN 256
-
-static size_t align_up(size_t n) { return (n + WORKSPACE_ALIGN - 1) / WORKSPACE_ALIGN * WORKSPACE_ALIGN; }
-
-static size_t scratch_elem(mos_dtype dtype) {
-    size_t size = mos_dtype_size(dtype);
-    return size < 4 ? 4 : size;
-}
-
-/* Segment sizes in bytes, in carve order: a, bt, h, g, da, dbt, then cuBLAS's slice (CUDA). */
-static void segment_bytes(size_t out[MOS_WORKSPACE_SEGMENTS], const mos_linear_params *p,
-                          mos_linear_op op) {
-    const size_t e = scratch_elem(p->dtype);
-    const size_t r = (size_t)p->rank, n = (size_t)p->n_rows;
-    out[0] = align_up(r * (size_t)p->d_in * e);
-    out[1] = align_up(r * (size_t)p->d_out * e);
-    out[2] = p->h ? 0 : align_up(n * r * e);
-    out[3] = op == MOS_OP_BACKWARD ? align_up(n * r * e) : 0;
-    out[4] = op == MOS_OP_BACKWARD ? out[0] : 0;
-    out[5] = op == MOS_OP_BACKWARD ? out[1] : 0;
-    out[6] = p->device == MOS_DEVICE_CUDA ? MOS_CUBLAS_WORKSPACE_BYTES : 0;
-}
-
-size_t mos_linear_workspace_bytes(const mos_linear_params *p, mos_linear_op op) {
-    size_t seg[MOS_WORKSPACE_SEGMENTS], total = 0;
-    segment_bytes(seg, p, op);
-    for (int i = 0; i < MOS_WORKSPACE_SEGMENTS; ++i) total += seg[i];
-    return total;
-}
-
-mos_status mos_workspace_carve(mos_workspace_layout *w, const mos_linear_params *p,
-                               mos_linear_op op, void *base, size_t bytes) {
-    size_t seg[MOS_WORKSPACE_SEGMENTS], offset = 0;
-    void **slots[MOS_WORKSPACE_SEGMENTS] = {&w->a, &w->bt, &w->h, &w->g, &w->da, &w->dbt, &w->blas};
-    MOS_CHECK(((uintptr_t)base % WORKSPACE_ALIGN) == 0, MOS_ERR_VALUE,
-              "workspace must be %d-byte aligned", WORKSPACE_ALIGN);
-    segment_bytes(seg, p, op);
-    for (int i = 0; i < MOS_WORKSPACE_SEGMENTS; ++i) {
-        *slots[i] = seg[i] ? (char *)base + offset : NULL;
-        offset += seg[i];
-    }
-    w->blas_bytes = seg[MOS_WORKSPACE_SEGMENTS - 1];
-    MOS_CHECK(offset <= bytes, MOS_ERR_VALUE, "workspace holds %zu bytes, the op needs %zu", bytes,
-              offset);
-    return MOS_OK;
-}
 
 #ifndef MOS_WITH_CUDA
 /* CPU-only builds: the CUDA entry points exist and say why they cannot run. */

@@ -1,6 +1,6 @@
 /*
  * serving.c -- many adapters in one call: the batched forward's entry point (invariants,
- * workspace sizing, dispatch) and its CPU back end (float32 / float64).
+ * dispatch) and its CPU back end (float32 / float64); its CUDA workspace is sized in workspace.c.
  *
  * For every row n of x with a = adapter_ids[n] >= 0:  y[n] += scales[a] * (x[n] A_a^T) B_a^T,
  * with A_a, B_a assembled from the concatenated pools through row a of the (K, max_rank * l) index
@@ -23,8 +23,6 @@
 
 /* Groups at or below this many rows skip assembly and take the per-row kernel. */
 #define MOS_SERVE_DIRECT_ROWS 4
-
-#define WORKSPACE_ALIGN 256
 
 /* The per-row kernel is built twice on x86-64 with GCC >= 12 or Clang >= 14, for AVX2 + FMA and
  * for the baseline, and the loader picks one per machine (an ifunc); elsewhere once. */
@@ -60,45 +58,6 @@ typedef struct {
 #undef REAL
 #undef SUFFIX
 #undef GEMM
-
-/* ---------------------------------------------------------------- workspace (CUDA) */
-
-static size_t align_up(size_t n) {
-    return (n + WORKSPACE_ALIGN - 1) / WORKSPACE_ALIGN * WORKSPACE_ALIGN;
-}
-
-/* Groups of the CUDA grouped path: runs of equal ids cut further at segment offsets, so at most
- * one per row whatever the segments hold (cuda/serving.cu). */
-static int64_t max_groups(const mos_batched_params *p) { return p->n_rows; }
-
-static size_t h_bytes(const mos_batched_params *p) {
-    const size_t acc = p->dtype == MOS_F64 ? 8 : 4;
-    return align_up((size_t)p->n_rows * (size_t)p->max_rank * acc);
-}
-
-static size_t table_bytes(const mos_batched_params *p) {
-    if (!p->grouped) return 0;
-    return align_up((2 * ((size_t)max_groups(p) + 1) + 1) * sizeof(int32_t));
-}
-
-size_t mos_batched_workspace_bytes(const mos_batched_params *p) {
-    return h_bytes(p) + table_bytes(p);
-}
-
-mos_status mos_batched_workspace_carve(mos_batched_workspace *w, const mos_batched_params *p) {
-    const size_t need = mos_batched_workspace_bytes(p);
-    MOS_CHECK(p->workspace != NULL, MOS_ERR_VALUE,
-              "the CUDA path needs a caller-allocated device workspace of %zu bytes "
-              "(mos_batched_workspace_bytes); got NULL", need);
-    MOS_CHECK(((uintptr_t)p->workspace % WORKSPACE_ALIGN) == 0, MOS_ERR_VALUE,
-              "workspace must be %d-byte aligned", WORKSPACE_ALIGN);
-    MOS_CHECK(p->workspace_bytes >= need, MOS_ERR_VALUE,
-              "workspace holds %zu bytes, the op needs %zu", p->workspace_bytes, need);
-    w->h = p->workspace;
-    w->tables = p->grouped ? (int32_t *)((char *)p->workspace + h_bytes(p)) : NULL;
-    w->max_groups = max_groups(p);
-    return MOS_OK;
-}
 
 /* ---------------------------------------------------------------- CPU back end */
 

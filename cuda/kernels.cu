@@ -38,8 +38,8 @@
  * current for the call and restored after). One cuBLAS handle per (host thread, device), created on
  * first use and rebound on every call to the stream and then (cublasSetStream resets it) to the
  * cuBLAS slice of the call's workspace (cublasSetWorkspace). The linear ops need a caller-allocated
- * device workspace of mos_linear_workspace_bytes() bytes, 256-byte aligned; nothing is allocated and
- * nothing waits on the host per call.
+ * device workspace of mos_linear_workspace_bytes() bytes, MOS_WORKSPACE_ALIGN-aligned (carved by
+ * csrc/workspace.c); nothing is allocated and nothing waits on the host per call.
  * CUDA graphs: the first call of a thread on a device runs cublasCreate, which allocates and so
  * cannot be captured. A thread makes one uncaptured linear call per device before it captures;
  * after that every call is capturable.
