@@ -590,6 +590,12 @@ static PyObject *build_info(PyObject *module, PyObject *unused) {
     );
 }
 
+static PyObject *cuda_blas_handles(PyObject *module, PyObject *unused) {
+    int64_t created, idle;
+    mos_cuda_blas_handle_counts(&created, &idle);
+    return Py_BuildValue("{sLsL}", "created", (long long)created, "idle", (long long)idle);
+}
+
 static PyObject *set_num_threads(PyObject *module, PyObject *arg) {
     long long n;
     if (mos_parse_int(arg, "n", 1, INT_MAX, &n) < 0) return NULL;
@@ -634,6 +640,9 @@ static PyMethodDef methods[] = {
     {"linear_workspace_bytes", (PyCFunction)(void (*)(void))linear_workspace_bytes, FASTCALL, "linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False, "
      "cuda=False)\n--\n\nWorkspace bytes a linear call needs (cuda=True: with cuBLAS's slice)."},
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
+    {"cuda_blas_handles", cuda_blas_handles, METH_NOARGS,
+     "cuBLAS handles created so far (kept for the process's lifetime) and how many are free in "
+     "the per-device pools."},
     {"set_num_threads", set_num_threads, METH_O, "Sets OpenBLAS's thread count; returns the old one."},
     {NULL, NULL, 0, NULL},
 };

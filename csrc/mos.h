@@ -296,6 +296,10 @@ mos_status mos_cuda_batched_forward(const mos_batched_params *p);
 /* 1 when the CUDA back end was compiled in. */
 int mos_cuda_built(void);
 
+/* cuBLAS handles the CUDA back end has created (they live as long as the process) and how many of
+ * them are free in the per-device pools, not held by a live thread. 0 and 0 without CUDA. */
+void mos_cuda_blas_handle_counts(int64_t *created, int64_t *idle);
+
 /* Number of CPU BLAS threads (OpenBLAS's own pool); set_ returns the previous value. */
 int mos_cpu_get_num_threads(void);
 void mos_cpu_set_num_threads(int n);

@@ -18,6 +18,7 @@ NO_CUDA(mos_cuda_linear_forward, mos_linear_params)
 NO_CUDA(mos_cuda_linear_backward, mos_linear_params)
 NO_CUDA(mos_cuda_batched_forward, mos_batched_params)
 int mos_cuda_built(void) { return 0; }
+void mos_cuda_blas_handle_counts(int64_t *created, int64_t *idle) { *created = *idle = 0; }
 #endif
 
 static mos_status check_linear(const mos_linear_params *p) {

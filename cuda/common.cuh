@@ -61,6 +61,10 @@ __device__ __forceinline__ void from_acc(float a, __nv_bfloat16 *out) {
     *out = __float2bfloat16_rn(a);
 }
 
+/* The calling thread's cuBLAS handle on `device` (handles.cu): taken from the device's pool, or
+ * created, on the thread's first call there; returned to the pool when the thread exits. */
+mos_status mos_cuda_thread_handle(int device, cublasHandle_t *out);
+
 /* Makes `want` the current device, remembering the previous one in *prev. */
 static inline mos_status device_enter(int want, int *prev) {
     MOS_CHECK(want >= 0 && want < MOS_CUDA_MAX_DEVICES, MOS_ERR_VALUE,

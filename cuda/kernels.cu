@@ -35,13 +35,14 @@
  * scatter-add.
  *
  * Streams, devices, memory: everything runs on (cudaStream_t)p->stream on device p->device_id (made
- * current for the call and restored after). One cuBLAS handle per (host thread, device), created on
- * first use and rebound on every call to the stream and then (cublasSetStream resets it) to the
- * cuBLAS slice of the call's workspace (cublasSetWorkspace). The linear ops need a caller-allocated
+ * current for the call and restored after). One cuBLAS handle per (host thread, device), taken from
+ * a per-device pool on first use and given back at thread exit, never destroyed (handles.cu), and
+ * rebound on every call to the stream and then (cublasSetStream resets it) to the cuBLAS slice of
+ * the call's workspace (cublasSetWorkspace). The linear ops need a caller-allocated
  * device workspace of mos_linear_workspace_bytes() bytes, MOS_WORKSPACE_ALIGN-aligned (carved by
  * csrc/workspace.c); nothing is allocated and nothing waits on the host per call.
- * CUDA graphs: the first call of a thread on a device runs cublasCreate, which allocates and so
- * cannot be captured. A thread makes one uncaptured linear call per device before it captures;
+ * CUDA graphs: the first call of a thread on a device may run cublasCreate (when the pool has no
+ * free handle), which allocates and so cannot be captured. A thread makes one uncaptured linear call per device before it captures;
  * after that every call is capturable.
  *
  * Build (nvcc 13; cuBLAS headers/libraries may come from the nvidia-cublas wheel, nvidia/cu13/):
@@ -188,42 +189,17 @@ static mos_status scatter_rows(mos_dtype dtype, int scratch_rows, void *pool, co
     return mos_set_error(MOS_ERR_TYPE, "unknown dtype %d", (int)dtype);
 }
 
-/* The calling thread's cuBLAS handles, one per device ordinal, destroyed when the thread exits
- * (for the main thread: at exit(), before the CUDA runtime's own atexit teardown). */
-struct handle_cache {
-    cublasHandle_t handle[MOS_CUDA_MAX_DEVICES];
-    ~handle_cache() {
-        for (int d = 0; d < MOS_CUDA_MAX_DEVICES; ++d) {
-            if (handle[d] == NULL) continue;
-            (void)cudaSetDevice(d); /* errors are moot here: the thread or process is ending */
-            (void)cublasDestroy(handle[d]);
-        }
-    }
-};
-static thread_local handle_cache tls_handles; /* zero-initialised: no handle yet */
-
-/* The handle of (this thread, current device `device`), bound to `stream` and to the call's own
- * workspace slice. cublasSetStream resets the handle to cuBLAS's default workspace pool, so the
- * slice is set after it, on every call: one handle then serves any stream, and no GEMM allocates
- * (which would break a CUDA graph capture). */
+/* The handle of (this thread, current device `device`), from the process-wide pool (handles.cu),
+ * bound to `stream` and to the call's own workspace slice. cublasSetStream resets the handle to
+ * cuBLAS's default workspace pool, so the slice is set after it, on every call: one handle then
+ * serves any stream, and no GEMM allocates (which would break a CUDA graph capture). */
 static mos_status blas_handle(int device, cudaStream_t stream, void *workspace, size_t bytes,
                               cublasHandle_t *out) {
-    cublasHandle_t *slot = &tls_handles.handle[device];
-    if (*slot == NULL) {
-        cublasHandle_t fresh = NULL;
-        CUBLAS_TRY(cublasCreate(&fresh), "cublasCreate");
-        /* No TF32 for float32 (DEFAULT_MATH) and split-K reductions in the float32 compute type
-         * rather than in a 16-bit output type. */
-        cublasStatus_t st = cublasSetMathMode(
-            fresh, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
-                                  CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
-        if (st != CUBLAS_STATUS_SUCCESS) (void)cublasDestroy(fresh);
-        CUBLAS_TRY(st, "cublasSetMathMode");
-        *slot = fresh;
-    }
-    CUBLAS_TRY(cublasSetStream(*slot, stream), "cublasSetStream");
-    CUBLAS_TRY(cublasSetWorkspace(*slot, workspace, bytes), "cublasSetWorkspace");
-    *out = *slot;
+    cublasHandle_t handle = NULL;
+    MOS_TRY(mos_cuda_thread_handle(device, &handle));
+    CUBLAS_TRY(cublasSetStream(handle, stream), "cublasSetStream");
+    CUBLAS_TRY(cublasSetWorkspace(handle, workspace, bytes), "cublasSetWorkspace");
+    *out = handle;
     return MOS_OK;
 }
 

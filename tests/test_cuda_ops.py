@@ -250,3 +250,49 @@ def test_forward_and_backward_capture_on_a_fresh_stream():
     np.testing.assert_allclose(held(y), ref.forward(held(x), *args), rtol=1e-4, atol=1e-4)
     for got, want in zip((dx, dpa, dpb), ref.backward(held(dy), held(x), *args)):
         np.testing.assert_allclose(held(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_short_lived_threads_reuse_pooled_cublas_handles():
+    """A thread's cuBLAS handle goes back to the device's pool when the thread exits and is never
+    destroyed (cublasDestroy syncs the whole device): many short-lived threads that each run a
+    linear op get correct results, and the process holds no more handles than threads ran at once."""
+    import threading
+    import time
+
+    import torch
+    from mos import _C
+
+    rng, t, pa, ia, pb, ib = small_cuda_problem()
+    held = lambda a: a.double().cpu().numpy()  # noqa: E731
+    xs = [t(rng.standard_normal((8, 64))) for _ in range(4)]
+    wants = [ref.forward(held(x), held(pa), ia.cpu().numpy(), held(pb), ib.cpu().numpy(), 0.5, 4)
+             for x in xs]
+    before = _C.cuda_blas_handles()
+    errors = []
+
+    def run(i):
+        try:
+            y = F.forward(xs[i], pa, ia, pb, ib, 0.5)
+            torch.cuda.current_stream().synchronize()
+            np.testing.assert_allclose(held(y), wants[i], rtol=1e-4, atol=1e-4)
+        except Exception as error:  # reported by the main thread
+            errors.append(error)
+
+    at_once, rounds = 4, 8
+    for _ in range(rounds):
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(at_once)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[0]
+    # Thread.join returns before a thread's C++ thread_local destructors have run: wait for them.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = _C.cuda_blas_handles()
+        made = after["created"] - before["created"]
+        if after["idle"] - before["idle"] == made:
+            break
+        time.sleep(0.01)
+    assert 0 <= made <= at_once, (before, after)  # 32 threads, at most 4 at a time
+    assert after["idle"] - before["idle"] == made, (before, after)  # every new handle came back
