@@ -8,7 +8,12 @@
  *     rank * shards_per_vector int32 row numbers into its pool.
  *   - Forward accumulates into y; backward accumulates into dx, dpool_a and dpool_b.
  *   - Every function returns a mos_status; on failure mos_last_error() holds a message
- *     (thread-local) and no output has been written.
+ *     (thread-local) and no output has been written. The one exception is a failure of the CUDA
+ *     device itself: a CUDA op runs every step that can refuse its arguments before its first
+ *     write to an output, and writes last (forward: h, then y; backward: dx, then the scatters
+ *     into dpool_a and dpool_b). Should the device fail between two of those writes (a sticky
+ *     CUDA error, after which the CUDA context is unusable), the earlier ones stay written.
+ *     CUDA work is asynchronous: MOS_OK means it was enqueued on the stream.
  *   - All tensors of one call share one dtype and one device.
  *   - The core never allocates on the CUDA hot path: callers pass a workspace of at least
  *     mos_linear_workspace_bytes() bytes (CPU callers may pass NULL and let the core malloc).

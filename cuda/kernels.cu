@@ -367,6 +367,12 @@ static mos_status plan_backward(linear_plan *q, const mos_linear_params *p) {
     return MOS_OK;
 }
 
+/* Every step that can fail on valid arguments runs before the first write to a caller's tensor:
+ * g, dA, h and dB^T are computed into the workspace first (each GEMM type combination of the
+ * writes has then already run), and only then is dx accumulated and dA, dB^T scattered into the
+ * pool gradients. Those last three launches fail only when the device itself has failed (a
+ * sticky CUDA error), the one case of a partial write that mos.h documents.
+ * tests/test_cuda_write_order.py checks this order in the source. */
 static mos_status run_backward(const linear_plan *q, const mos_linear_params *p) {
     gemm_ctx g = {};
     const cudaStream_t stream = (cudaStream_t)p->stream;
@@ -381,13 +387,6 @@ static mos_status run_backward(const linear_plan *q, const mos_linear_params *p)
                      q->d_out, p->dy, q->lddy, 0.0, q->w.g, g.type, q->r,
                      "cublasGemmEx g = s dy B"));
     }
-    if (p->dx) {
-        /* dx (N, d_in) += g A. Column-major: dx^T (d_in x N) += A^T (d_in x r) . g^T (r x N).
-         * A's buffer is column-major A^T (d_in x r): OP_N, lda = d_in.
-         * g's buffer is column-major g^T (r x N): OP_N, ldb = r. dx^T: ldc = lddx, beta = 1. */
-        MOS_TRY(gemm(&g, CUBLAS_OP_N, CUBLAS_OP_N, q->d_in, q->n, q->r, 1.0, q->w.a, q->d_in,
-                     q->w.g, q->r, 1.0, p->dx, g.type, q->lddx, "cublasGemmEx dx += g A"));
-    }
     if (p->dpool_a) {
         /* dA (r, d_in) = g^T x. Column-major: dA^T (d_in x r) = x^T (d_in x N) . g (N x r).
          * x's buffer is column-major x^T (d_in x N): OP_N, lda = ldx.
@@ -395,9 +394,6 @@ static mos_status run_backward(const linear_plan *q, const mos_linear_params *p)
          * written in the scratch type (float32 for 16-bit inputs). */
         MOS_TRY(gemm(&g, CUBLAS_OP_N, CUBLAS_OP_T, q->d_in, q->r, q->n, 1.0, p->x, q->ldx, q->w.g,
                      q->r, 0.0, q->w.da, g.scratch, q->d_in, "cublasGemmEx dA = g^T x"));
-        /* dA viewed as (r*l, d_in/l) shard rows, added into dP_A rows I_A. */
-        MOS_TRY(scatter_rows(p->dtype, 1, p->dpool_a, q->w.da, q->sla, p->index_a, q->rl,
-                             p->n_shards_a, q->sla, stream));
     }
     if (p->dpool_b) {
         void *h = p->h ? p->h : q->w.h;
@@ -408,10 +404,22 @@ static mos_status run_backward(const linear_plan *q, const mos_linear_params *p)
          * written in the scratch type. */
         MOS_TRY(gemm(&g, CUBLAS_OP_N, CUBLAS_OP_T, q->d_out, q->r, q->n, p->scale, p->dy, q->lddy,
                      h, q->r, 0.0, q->w.dbt, g.scratch, q->d_out, "cublasGemmEx dB^T = s h^T dy"));
-        /* dB^T viewed as (r*l, d_out/l) shard rows, added into dP_B rows I_B. */
+    }
+    /* The writes, last. */
+    if (p->dx) {
+        /* dx (N, d_in) += g A. Column-major: dx^T (d_in x N) += A^T (d_in x r) . g^T (r x N).
+         * A's buffer is column-major A^T (d_in x r): OP_N, lda = d_in.
+         * g's buffer is column-major g^T (r x N): OP_N, ldb = r. dx^T: ldc = lddx, beta = 1. */
+        MOS_TRY(gemm(&g, CUBLAS_OP_N, CUBLAS_OP_N, q->d_in, q->n, q->r, 1.0, q->w.a, q->d_in,
+                     q->w.g, q->r, 1.0, p->dx, g.type, q->lddx, "cublasGemmEx dx += g A"));
+    }
+    /* dA and dB^T viewed as (r*l, d/l) shard rows, added into rows I_A of dP_A and I_B of dP_B. */
+    if (p->dpool_a)
+        MOS_TRY(scatter_rows(p->dtype, 1, p->dpool_a, q->w.da, q->sla, p->index_a, q->rl,
+                             p->n_shards_a, q->sla, stream));
+    if (p->dpool_b)
         MOS_TRY(scatter_rows(p->dtype, 1, p->dpool_b, q->w.dbt, q->slb, p->index_b, q->rl,
                              p->n_shards_b, q->slb, stream));
-    }
     return MOS_OK;
 }
 

@@ -296,3 +296,35 @@ def test_short_lived_threads_reuse_pooled_cublas_handles():
         time.sleep(0.01)
     assert 0 <= made <= at_once, (before, after)  # 32 threads, at most 4 at a time
     assert after["idle"] - before["idle"] == made, (before, after)  # every new handle came back
+
+
+@pytest.mark.parametrize("wanted", [("dx",), ("dpool_a",), ("dpool_b",), ("dpool_b", "h"),
+                                    ("dx", "dpool_b"), ("dx", "dpool_a", "dpool_b", "h")])
+def test_backward_writes_each_requested_gradient_last_and_only_those(wanted):
+    """The CUDA backward computes every gradient into its workspace before it writes any caller
+    tensor (mos.h); each subset of gradients still accumulates the right values into buffers that
+    already hold some, and a gradient that was not asked for stays untouched."""
+    import torch
+    from mos import _C
+
+    rng, t, pa, ia, pb, ib = small_cuda_problem()
+    x, dy = t(rng.standard_normal((16, 64))), t(rng.standard_normal((16, 64)))
+    held = lambda a: a.double().cpu().numpy()  # noqa: E731
+    start = {"dx": t(rng.standard_normal((16, 64))), "dpool_a": t(rng.standard_normal(tuple(pa.shape))),
+             "dpool_b": t(rng.standard_normal(tuple(pb.shape)))}
+    grads = {name: value.clone() for name, value in start.items()}
+    h = None
+    if "h" in wanted:
+        h = torch.empty(16, 4, device="cuda")
+        F.forward(x, pa, ia, pb, ib, 0.5, h=h)
+    nbytes = F.workspace_bytes(16, 64, 64, 4, 4, backward=True, with_h=h is not None, cuda=True)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    _C.linear_backward(*(grads[n] if n in wanted else None for n in ("dx", "dpool_a", "dpool_b")),
+                       dy, x, pa, ia, pb, ib, 0.5, h=h, workspace=workspace,
+                       stream=torch.cuda.current_stream().cuda_stream or 1)
+    torch.cuda.synchronize()
+    want = ref.backward(held(dy), held(x), held(pa), ia.cpu().numpy(), held(pb), ib.cpu().numpy(),
+                        0.5, 4)
+    for name, delta in zip(("dx", "dpool_a", "dpool_b"), want):
+        expect = held(start[name]) + (delta if name in wanted else 0)
+        np.testing.assert_allclose(held(grads[name]), expect, rtol=1e-4, atol=1e-4, err_msg=name)
