@@ -1,4 +1,4 @@
-"""Builds mos._C from csrc/*.c (and cuda/*.cu when CUDA is on).
+"""Builds mos._C from csrc/*.c, and mos/_mos_cuda.so from cuda/*.cu when CUDA is on.
 
 Switches (environment variables):
   MOS_CUDA     auto (default: build CUDA when nvcc is found) | 0 | 1 (fail without nvcc)
@@ -83,8 +83,24 @@ def c_flags():
     return flags
 
 
+CUDA_LIBRARY = "_mos_cuda.so"  # the CUDA back end, next to mos._C, opened by it at run time
+# Where a CUDA build of torch puts the CUDA runtime and cuBLAS, relative to mos/ in site-packages;
+# mos._C also searches the nvidia package's directories and the system when it opens the library.
+CUDA_RUNPATH = ["$ORIGIN/../nvidia/cu13/lib", "$ORIGIN/../nvidia/cublas/lib",
+                "$ORIGIN/../nvidia/cuda_runtime/lib"]
+
+
+def needed_sonames(library):
+    """The NEEDED entries of a shared library (readelf), e.g. ["libcudart.so.13", ...]."""
+    out = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True)
+    return [line.split("[", 1)[1].split("]", 1)[0] for line in out.stdout.splitlines()
+            if "(NEEDED)" in line]
+
+
 class BuildExt(build_ext):
-    """Adds the nvcc step: cuda/*.cu -> objects linked into mos._C."""
+    """Builds the CUDA back end (cuda/*.cu with csrc/errors.c and workspace.c) as its own library,
+    mos/_mos_cuda.so, linked against the CUDA runtime and cuBLAS; mos._C links neither and opens
+    the library with dlopen when the first CUDA tensor arrives (csrc/cuda_loader.c)."""
 
     def build_extension(self, ext):
         nvcc, cuda_home = cuda_setting()
@@ -95,27 +111,49 @@ class BuildExt(build_ext):
                 sys.exit("MOS_CUDA=1 but cuBLAS was not found (toolkit or `pip install nvidia-cublas`)")
             print("mos: nvcc found but no cuBLAS; building CPU-only")
             nvcc = None
+        library = Path(self.get_ext_fullpath(ext.name)).parent / CUDA_LIBRARY
+        library.unlink(missing_ok=True)  # a CPU-only build must not leave an old back end behind
         if nvcc and cu_files:
-            cublas_inc, cublas_lib, cublas_name = cublas
-            out_dir = Path(self.build_temp) / "cuda"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            objects, archs = [], cuda_archs()
-            for cu in cu_files:
-                obj = out_dir / (cu.stem + ".o")
-                cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-Wall,-Wextra",
-                       "-Werror", "all-warnings", "-DMOS_WITH_CUDA", f"-I{HERE / 'csrc'}", f"-I{cublas_inc}",
-                       *archs, "-c", str(cu), "-o", str(obj)]
-                print(" ".join(cmd))
-                subprocess.check_call(cmd)
-                objects.append(str(obj))
-            ext.extra_objects = list(ext.extra_objects or []) + objects
-            ext.define_macros = list(ext.define_macros or []) + [("MOS_WITH_CUDA", "1")]
-            lib_dirs = [d for d in (cuda_home / "lib64", cuda_home / "lib") if d.exists()]
-            lib_dirs = [str(d) for d in lib_dirs + [cublas_lib]]
-            ext.library_dirs = list(ext.library_dirs) + lib_dirs
-            ext.runtime_library_dirs = list(ext.runtime_library_dirs) + lib_dirs
-            ext.libraries = list(ext.libraries) + ["cudart", cublas_name, "stdc++"]
+            self.build_cuda_library(nvcc, cuda_home, cublas, cu_files, library)
+            cudart, cublas_so = (next(n for n in needed_sonames(library) if n.startswith(prefix))
+                                 for prefix in ("libcudart.so", "libcublas.so"))
+            ext.define_macros = list(ext.define_macros or []) + [
+                ("MOS_CUDART_SONAME", f'"{cudart}"'), ("MOS_CUBLAS_SONAME", f'"{cublas_so}"')]
         super().build_extension(ext)
+
+    def build_cuda_library(self, nvcc, cuda_home, cublas, cu_files, library):
+        cublas_inc, cublas_lib, cublas_name = cublas
+        out_dir = Path(self.build_temp) / "cuda"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        objects, archs = [], cuda_archs()
+        for cu in cu_files:
+            obj = out_dir / (cu.stem + ".o")
+            cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall,-Wextra",
+                   "-Werror", "all-warnings", f"-I{HERE / 'csrc'}", f"-I{cublas_inc}",
+                   *archs, "-c", str(cu), "-o", str(obj)]
+            print(" ".join(cmd))
+            subprocess.check_call(cmd)
+            objects.append(str(obj))
+        # The core's error messages and workspace carving, compiled into the library as well.
+        objects += self.compiler.compile(
+            ["csrc/errors.c", "csrc/workspace.c"], output_dir=str(out_dir), include_dirs=["csrc"],
+            extra_postargs=c_flags() + ["-fvisibility=hidden"])
+        lib_dirs = [str(d) for d in (cuda_home / "lib64", cuda_home / "lib") if d.exists()]
+        self.compiler.link_shared_object(
+            objects, str(library), libraries=["cudart", cublas_name, "stdc++"],
+            library_dirs=lib_dirs + [str(cublas_lib)], runtime_library_dirs=CUDA_RUNPATH,
+            extra_postargs=["-Wl,--no-undefined"])
+
+    def copy_extensions_to_source(self):
+        """--inplace and editable installs: the CUDA library travels with mos._C."""
+        super().copy_extensions_to_source()
+        for ext in self.extensions:
+            built = Path(self.build_lib, self.get_ext_filename(ext.name)).parent / CUDA_LIBRARY
+            inplace = HERE / Path(*ext.name.split(".")[:-1]) / CUDA_LIBRARY
+            if built.exists():
+                shutil.copyfile(built, inplace)
+            else:
+                inplace.unlink(missing_ok=True)
 
 
 def extension():

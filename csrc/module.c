@@ -6,6 +6,7 @@
  */
 #define PY_ARRAY_UNIQUE_SYMBOL MOS_ARRAY_API
 #include "args.h"
+#include "cuda_binding.h"
 #include "validate.h"
 
 #include <limits.h>
@@ -106,6 +107,7 @@ static int check_linear_workspace(linear_call *c, mos_linear_op op) {
 static PyObject *run_linear(mos_status (*op)(const mos_linear_params *), linear_call *c,
                             int failed, const char *function) {
     mos_status status = MOS_OK;
+    failed = failed || mos_cuda_ready(c->p.device, function) < 0;
     if (!failed) {
         Py_BEGIN_ALLOW_THREADS
         status = op(&c->p);
@@ -302,7 +304,8 @@ static PyObject *gather_op(PyObject *const *args, Py_ssize_t nargs, PyObject *kw
         mos_require_dim(rows, 1, pool->shape[1], "pool's shard length") < 0 ||
         mos_require_rows(rows) < 0 || mos_require_writable(&v[outs[0]]) < 0 ||
         mos_require_index_range(index, pool, scatter) < 0 ||
-        mos_require_no_overlap(v, outs, 1, all, 3) < 0;
+        mos_require_no_overlap(v, outs, 1, all, 3) < 0 ||
+        mos_cuda_ready(pool->device, function) < 0;
     if (!failed) {
         mos_gather_params p = {
             .dtype = pool->dtype, .device = pool->device, .device_id = pool->device_id,
@@ -453,7 +456,8 @@ static PyObject *batched_forward(PyObject *module, PyObject *const *args, Py_ssi
         mos_require_workspace(&v[B_WORKSPACE], &v[B_X], mos_batched_workspace_bytes(&c.p),
                               "batched_workspace_bytes", " (batched_workspace_bytes)",
                               &c.p.workspace, &c.p.workspace_bytes) < 0 ||
-        mos_require_no_overlap(v, outs, 2, all, 11) < 0;
+        mos_require_no_overlap(v, outs, 2, all, 11) < 0 ||
+        mos_cuda_ready(c.p.device, "batched_forward") < 0;
     if (!failed) {
         Py_BEGIN_ALLOW_THREADS
         status = mos_batched_forward(&c.p);
@@ -579,15 +583,21 @@ static PyObject *linear_workspace_bytes(PyObject *module, PyObject *const *args,
 }
 
 static PyObject *build_info(PyObject *module, PyObject *unused) {
-    return Py_BuildValue("{sOsssisi}", "cuda", mos_cuda_built() ? Py_True : Py_False, "blas",
-                         "scipy-openblas32", "blas_threads", mos_cpu_get_num_threads(),
-                         "sanitized",
+    PyObject *backend = mos_cuda_backend_dict(0);
+    if (!backend) return NULL;
+    return Py_BuildValue("{sOsNsssisi}", "cuda", mos_cuda_built() ? Py_True : Py_False,
+                         "cuda_backend", backend, "blas", "scipy-openblas32", "blas_threads",
+                         mos_cpu_get_num_threads(), "sanitized",
 #if defined(__SANITIZE_ADDRESS__)
                          1
 #else
                          0
 #endif
     );
+}
+
+static PyObject *cuda_backend(PyObject *module, PyObject *unused) {
+    return mos_cuda_backend_dict(1);
 }
 
 static PyObject *cuda_blas_handles(PyObject *module, PyObject *unused) {
@@ -640,6 +650,9 @@ static PyMethodDef methods[] = {
     {"linear_workspace_bytes", (PyCFunction)(void (*)(void))linear_workspace_bytes, FASTCALL, "linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False, "
      "cuda=False)\n--\n\nWorkspace bytes a linear call needs (cuda=True: with cuBLAS's slice)."},
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
+    {"cuda_backend", cuda_backend, METH_NOARGS,
+     "Opens the CUDA back end if it is not open yet and says what it runs with; RuntimeError "
+     "naming what is missing when it cannot open."},
     {"cuda_blas_handles", cuda_blas_handles, METH_NOARGS,
      "cuBLAS handles created so far (kept for the process's lifetime) and how many are free in "
      "the per-device pools."},

@@ -291,14 +291,16 @@ mos_status mos_cpu_linear_forward_full(const mos_linear_params *p);
 mos_status mos_cpu_linear_backward(const mos_linear_params *p);
 mos_status mos_cpu_batched_forward(const mos_batched_params *p);
 
-/* CUDA implementations (the .cu files under cuda/), present when built with MOS_WITH_CUDA. */
+/* CUDA implementations (the .cu files under cuda/, built into mos/_mos_cuda.so); in mos._C these
+ * forward to that library, opened on the first call (cuda_loader.c, cuda_backend.h). */
 mos_status mos_cuda_assemble(const mos_gather_params *p);
 mos_status mos_cuda_scatter_add(const mos_gather_params *p);
 mos_status mos_cuda_linear_forward(const mos_linear_params *p);
 mos_status mos_cuda_linear_backward(const mos_linear_params *p);
 mos_status mos_cuda_batched_forward(const mos_batched_params *p);
 
-/* 1 when the CUDA back end was compiled in. */
+/* 1 when the CUDA back end was built (its library lies next to mos._C); says nothing of whether
+ * the CUDA runtime, cuBLAS and a driver are there to run it. */
 int mos_cuda_built(void);
 
 /* cuBLAS handles the CUDA back end has created (they live as long as the process) and how many of

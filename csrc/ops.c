@@ -5,22 +5,6 @@
  */
 #include "check.h"
 
-#ifndef MOS_WITH_CUDA
-/* CPU-only builds: the CUDA entry points exist and say why they cannot run. */
-#define NO_CUDA(name, type)                                                                   \
-    mos_status name(const type *p) {                                                          \
-        (void)p;                                                                              \
-        return mos_set_error(MOS_ERR_RUNTIME, "mos was built without CUDA (MOS_CUDA=0 or no nvcc)"); \
-    }
-NO_CUDA(mos_cuda_assemble, mos_gather_params)
-NO_CUDA(mos_cuda_scatter_add, mos_gather_params)
-NO_CUDA(mos_cuda_linear_forward, mos_linear_params)
-NO_CUDA(mos_cuda_linear_backward, mos_linear_params)
-NO_CUDA(mos_cuda_batched_forward, mos_batched_params)
-int mos_cuda_built(void) { return 0; }
-void mos_cuda_blas_handle_counts(int64_t *created, int64_t *idle) { *created = *idle = 0; }
-#endif
-
 static mos_status check_linear(const mos_linear_params *p) {
     MOS_CHECK(p->n_rows >= 0 && p->d_in > 0 && p->d_out > 0 && p->rank > 0 &&
                   p->shards_per_vector > 0,

@@ -1,7 +1,8 @@
 /*
  * kernels.cu -- the CUDA back end of MoS: shard gather/scatter kernels plus cuBLAS GEMMs, behind
- * the same entry points as cpu.c (mos_cuda_* in csrc/mos.h). Compiled only with MOS_WITH_CUDA;
- * ops.c provides stubs otherwise.
+ * the same entry points as cpu.c (mos_cuda_* in csrc/mos.h). Built into the CUDA back end's own
+ * library (mos/_mos_cuda.so), which mos._C opens when the first CUDA tensor arrives (backend.cu,
+ * csrc/cuda_loader.c).
  *
  * What it computes (DESIGN.md section 1; every matrix row-major with a row stride in elements):
  *   assemble     rows[i, :] = pool[index[i], :]         rows (n_index, shard_len), stride rows_stride
@@ -42,16 +43,12 @@
  * device workspace of mos_linear_workspace_bytes() bytes, MOS_WORKSPACE_ALIGN-aligned (carved by
  * csrc/workspace.c); nothing is allocated and nothing waits on the host per call.
  * CUDA graphs: the first call of a thread on a device may run cublasCreate (when the pool has no
- * free handle), which allocates and so cannot be captured. A thread makes one uncaptured linear call per device before it captures;
- * after that every call is capturable.
+ * free handle), which allocates and so cannot be captured. A thread makes one uncaptured linear
+ * call per device before it captures; after that every call is capturable.
  *
- * Build (nvcc 13; cuBLAS headers/libraries may come from the nvidia-cublas wheel, nvidia/cu13/):
- *   nvcc -std=c++17 -O3 -Xcompiler -fPIC,-Wall,-Wextra,-Werror -Werror all-warnings -DMOS_WITH_CUDA \
- *        -I csrc -I <cublas include> -gencode arch=compute_80,code=sm_80 \
- *        -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90 \
- *        -c cuda/kernels.cu -o kernels.o
- *   link with the C objects (ops.c defines no CUDA stubs under MOS_WITH_CUDA):
- *        -L<cuda lib64> -L<cublas lib> -lcudart -lcublas
+ * Build: setup.py compiles every .cu file of cuda/ with nvcc (-Werror all-warnings, symbols hidden) and
+ * links them with csrc/errors.c and csrc/workspace.c into mos/_mos_cuda.so against -lcudart
+ * -lcublas; backend.cu's table is the library's one exported symbol.
  *
  * Sections: kernels, launchers (kernels, cuBLAS handle and GEMM), dispatch (the mos_cuda_* entries).
  */
@@ -473,4 +470,3 @@ extern "C" mos_status mos_cuda_linear_backward(const mos_linear_params *p) {
     return st;
 }
 
-extern "C" int mos_cuda_built(void) { return 1; }
