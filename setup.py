@@ -90,13 +90,6 @@ CUDA_RUNPATH = ["$ORIGIN/../nvidia/cu13/lib", "$ORIGIN/../nvidia/cublas/lib",
                 "$ORIGIN/../nvidia/cuda_runtime/lib"]
 
 
-def needed_sonames(library):
-    """The NEEDED entries of a shared library (readelf), e.g. ["libcudart.so.13", ...]."""
-    out = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True)
-    return [line.split("[", 1)[1].split("]", 1)[0] for line in out.stdout.splitlines()
-            if "(NEEDED)" in line]
-
-
 class BuildExt(build_ext):
     """Builds the CUDA back end (cuda/*.cu with csrc/errors.c and workspace.c) as its own library,
     mos/_mos_cuda.so, linked against the CUDA runtime and cuBLAS; mos._C links neither and opens
@@ -115,10 +108,6 @@ class BuildExt(build_ext):
         library.unlink(missing_ok=True)  # a CPU-only build must not leave an old back end behind
         if nvcc and cu_files:
             self.build_cuda_library(nvcc, cuda_home, cublas, cu_files, library)
-            cudart, cublas_so = (next(n for n in needed_sonames(library) if n.startswith(prefix))
-                                 for prefix in ("libcudart.so", "libcublas.so"))
-            ext.define_macros = list(ext.define_macros or []) + [
-                ("MOS_CUDART_SONAME", f'"{cudart}"'), ("MOS_CUBLAS_SONAME", f'"{cublas_so}"')]
         super().build_extension(ext)
 
     def build_cuda_library(self, nvcc, cuda_home, cublas, cu_files, library):

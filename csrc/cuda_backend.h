@@ -43,11 +43,13 @@ typedef const mos_cuda_backend *(*mos_cuda_backend_table_fn)(void);
 
 /* ---------------------------------------------------------------- the loader (cuda_loader.c) */
 
-/* Opens the CUDA back end once per process. The CUDA runtime and cuBLAS it needs are looked for,
- * in order: already loaded (e.g. by torch); in each of `dirs` (the binding passes the nvidia-*
- * wheels' lib directories); then by the system's rules (LD_LIBRARY_PATH, ld.so.cache) and
- * $CUDA_HOME/lib64, /usr/local/cuda/lib64. Thread-safe; a failure is remembered and returned again
- * with a message saying what is missing. */
+/* Opens the CUDA back end once per process. The CUDA runtime and cuBLAS it needs are left to the
+ * dynamic loader first: already loaded (e.g. by torch), LD_LIBRARY_PATH, the nvidia-* wheels next to
+ * mos (the library's RUNPATH), the system's cache. Each one the loader cannot find is opened by the
+ * name it asked for from `dirs` (the binding passes the nvidia-* wheels' lib directories, wherever
+ * Python finds them), the system, $CUDA_HOME/lib64 or /usr/local/cuda/lib64, and the library is
+ * tried again. Thread-safe; a failure is remembered and returned again with a message saying what
+ * is missing. */
 mos_status mos_cuda_load(const char *const *dirs, int n_dirs);
 
 /* 1 once the back end is open (cheap: no lock). */

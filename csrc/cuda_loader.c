@@ -16,14 +16,6 @@
 #include "check.h"
 #include "cuda_backend.h"
 
-/* The sonames the library was linked against (setup.py passes them; empty in CPU-only builds). */
-#ifndef MOS_CUDART_SONAME
-#define MOS_CUDART_SONAME ""
-#endif
-#ifndef MOS_CUBLAS_SONAME
-#define MOS_CUBLAS_SONAME ""
-#endif
-
 #define LIBRARY_NAME "_mos_cuda.so"
 #define PATH_BYTES 4096
 
@@ -53,12 +45,11 @@ static const char *library(void) {
 
 int mos_cuda_built(void) { return access(library(), F_OK) == 0; }
 
-/* Opens `soname` where the back end will find it: already in the process, in one of dirs, or by
- * the system's rules. 0, or -1 when it is nowhere. */
+/* Opens `soname` where the back end's loader will then find it: in one of dirs, by the system's
+ * rules, or in the CUDA toolkit. 0, or -1 when it is nowhere. */
 static int preload(const char *soname, const char *const *dirs, int n_dirs) {
     static const char *const toolkit[] = {"/usr/local/cuda/lib64", "/usr/local/cuda/lib"};
     char path[PATH_BYTES];
-    if (!soname[0] || dlopen(soname, RTLD_LAZY | RTLD_NOLOAD)) return 0;
     for (int i = 0; i < n_dirs; ++i) {
         snprintf(path, sizeof path, "%s/%s", dirs[i], soname);
         if (dlopen(path, RTLD_LAZY | RTLD_GLOBAL)) return 0;
@@ -76,30 +67,50 @@ static int preload(const char *soname, const char *const *dirs, int n_dirs) {
     return -1;
 }
 
-/* Opens the library and checks its table; `failure` says why not. Called under `lock`. */
+/* The library a failed dlopen could not find ("libcublas.so.13: cannot open shared object file:
+ * ..." in glibc's words), copied into `name`; 0 when the failure was something else. */
+static int missing_library(const char *error, char *name, size_t size) {
+    const char *end = strstr(error, ": cannot open shared object file");
+    if (!end || end == error || (size_t)(end - error) >= size || memchr(error, '/', end - error))
+        return 0;
+    snprintf(name, size, "%.*s", (int)(end - error), error);
+    return 1;
+}
+
+static const char *describe(const char *soname) {
+    if (strncmp(soname, "libcudart", 9) == 0) return "the CUDA runtime";
+    if (strncmp(soname, "libcublas", 9) == 0) return "cuBLAS";
+    return "a CUDA library";
+}
+
+/* Opens the library and checks its table; `failure` says why not. Called under `lock`. The CUDA
+ * runtime and cuBLAS the library needs are left to the dynamic loader first (already loaded, e.g.
+ * by torch, or on the system's path); each one it cannot find is opened from dirs or the toolkit
+ * by the name it asked for, and the library is tried again. */
 static void open_backend(const char *const *dirs, int n_dirs) {
     const char *path = library();
     if (access(path, F_OK) != 0) {
         snprintf(failure, sizeof failure, "mos was built without CUDA (MOS_CUDA=0 or no nvcc)");
         return;
     }
-    const char *const needed[] = {MOS_CUDART_SONAME, MOS_CUBLAS_SONAME};
-    const char *const what[] = {"the CUDA runtime", "cuBLAS"};
-    for (int i = 0; i < 2; ++i) {
-        if (preload(needed[i], dirs, n_dirs) < 0) {
+    void *handle = NULL;
+    char soname[256], previous[256] = "";
+    while (!(handle = dlopen(path, RTLD_NOW | RTLD_LOCAL))) {
+        const char *error = dlerror();
+        if (!missing_library(error, soname, sizeof soname) || strcmp(soname, previous) == 0) {
+            snprintf(failure, sizeof failure, "the CUDA back end %s could not be loaded: %s", path,
+                     error);
+            return;
+        }
+        if (preload(soname, dirs, n_dirs) < 0) {
             snprintf(failure, sizeof failure,
                      "the CUDA back end needs %s (%s), which is not loaded, not in the nvidia-* "
                      "wheels' lib directories and not on the system's library path: install a "
                      "CUDA build of torch or `pip install nvidia-cuda-runtime nvidia-cublas`, or "
-                     "set LD_LIBRARY_PATH to the CUDA toolkit's lib64", what[i], needed[i]);
+                     "set LD_LIBRARY_PATH to the CUDA toolkit's lib64", describe(soname), soname);
             return;
         }
-    }
-    void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!handle) {
-        snprintf(failure, sizeof failure, "the CUDA back end %s could not be loaded: %s", path,
-                 dlerror());
-        return;
+        snprintf(previous, sizeof previous, "%s", soname);  /* opened: a second miss is final */
     }
     mos_cuda_backend_table_fn get = (mos_cuda_backend_table_fn)dlsym(handle, MOS_CUDA_BACKEND_SYMBOL);
     const mos_cuda_backend *t = get ? get() : NULL;
