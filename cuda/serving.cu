@@ -1,6 +1,6 @@
 /*
  * serving.cu -- the CUDA back end of the batched (many-adapter) forward, mos_cuda_batched_forward
- * in csrc/mos.h. Compiled only with MOS_WITH_CUDA; csrc/ops.c provides a stub otherwise.
+ * in csrc/mos.h. Part of the CUDA back end's library (mos/_mos_cuda.so; see kernels.cu).
  *
  * What it computes: for every row n of x with a = adapter_ids[n] in [0, K):
  *   h[n, j] = sum_k x[n, k] A_a[j, k]              j < r_a        (shrink)

@@ -3,6 +3,7 @@ first CUDA tensor arrives. _C links neither the CUDA runtime nor cuBLAS; CPU wor
 library; a machine without what it needs keeps the CPU path and gets a CUDA error naming what is
 missing; build_info() reports what was found. Each case runs in a fresh interpreter, because a
 process opens the back end once."""
+import os
 import shutil
 import subprocess
 import sys
@@ -63,9 +64,9 @@ def mapped(name):
 def run_child(code, pythonpath=ROOT):
     script = HELPERS.format(tests=str(ROOT / "tests")) + textwrap.dedent(code)
     first = str(pythonpath).split(":")[0]  # also the working directory: `python -c` searches it first
+    env = dict(os.environ, PYTHONPATH=str(pythonpath), OPENBLAS_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          cwd=first, env={"PYTHONPATH": str(pythonpath), "PATH": "/usr/bin:/bin",
-                                          "OPENBLAS_NUM_THREADS": "1"})
+                          cwd=first, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
