@@ -64,7 +64,9 @@ def mapped(name):
 def run_child(code, pythonpath=ROOT):
     script = HELPERS.format(tests=str(ROOT / "tests")) + textwrap.dedent(code)
     first = str(pythonpath).split(":")[0]  # also the working directory: `python -c` searches it first
-    env = dict(os.environ, PYTHONPATH=str(pythonpath), OPENBLAS_NUM_THREADS="1")
+    inherited = os.environ.get("PYTHONPATH")  # e.g. where gpu_check.sh installs its wheels
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1",
+               PYTHONPATH=f"{pythonpath}:{inherited}" if inherited else str(pythonpath))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=first, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
