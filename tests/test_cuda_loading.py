@@ -181,3 +181,23 @@ def test_missing_cublas_is_named_and_the_cpu_path_still_works():
     """)
     assert out.splitlines()[0].startswith("assemble: the CUDA back end needs cuBLAS (libcublas.so."), out
     assert "pip install nvidia-cuda-runtime nvidia-cublas" in out, out
+
+
+def test_a_backend_from_another_build_is_refused(tmp_path):
+    """A library whose table has another ABI number is never called (its params may differ)."""
+    copy = tmp_path / "mos"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "_mos_cuda.so"))
+    source = tmp_path / "other_build.c"
+    source.write_text("static const struct { int abi; } table = {999};\n"
+                      "const void *mos_cuda_backend_table(void) { return &table; }\n")
+    subprocess.run([shutil.which("cc") or "gcc", "-shared", "-fPIC", "-o", str(copy / "_mos_cuda.so"),
+                    str(source)], check=True)
+    out = run_child("""
+        try:
+            cuda_call()
+        except RuntimeError as error:
+            print(error)
+        cpu_forward_works()
+    """, pythonpath=f"{tmp_path}:{ROOT / 'tests'}")
+    assert out.splitlines()[0] == (f"assemble: the CUDA back end {copy}/_mos_cuda.so is from another "
+                                   "build of mos (rebuild mos)"), out
