@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,9 +21,14 @@
 #define PATH_BYTES 4096
 
 /* Loaded once per process and never unloaded: the state below is written only under `lock`, and
- * `table` is published last. */
+ * `table` is published last, with release order. */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static const mos_cuda_backend *volatile table;
+static const mos_cuda_backend *_Atomic table;
+
+/* The open back end's table, or NULL (acquire: what open_backend wrote before publishing it). */
+static const mos_cuda_backend *opened(void) {
+    return atomic_load_explicit(&table, memory_order_acquire);
+}
 static int tried;
 static char library_path[PATH_BYTES], cudart[PATH_BYTES], cublas[PATH_BYTES], failure[2 * PATH_BYTES];
 
@@ -124,26 +130,26 @@ static void open_backend(const char *const *dirs, int n_dirs) {
     snprintf(cudart, sizeof cudart, "%s", t->cudart_path());
     snprintf(cublas, sizeof cublas, "%s", t->cublas_path());
     failure[0] = 0;
-    table = t;
+    atomic_store_explicit(&table, t, memory_order_release);
 }
 
-int mos_cuda_loaded(void) { return table != NULL; }
+int mos_cuda_loaded(void) { return opened() != NULL; }
 
 mos_status mos_cuda_load(const char *const *dirs, int n_dirs) {
-    if (table) return MOS_OK;
+    if (opened()) return MOS_OK;
     pthread_mutex_lock(&lock);
-    if (!table && !tried) {
+    if (!opened() && !tried) {
         open_backend(dirs, n_dirs);
         tried = 1;
     }
     pthread_mutex_unlock(&lock);
-    return table ? MOS_OK : mos_set_error(MOS_ERR_RUNTIME, "%s", failure);
+    return opened() ? MOS_OK : mos_set_error(MOS_ERR_RUNTIME, "%s", failure);
 }
 
 void mos_cuda_get_backend_info(mos_cuda_backend_info *info) {
     const int built = mos_cuda_built();
     pthread_mutex_lock(&lock);
-    const mos_cuda_backend *t = table;
+    const mos_cuda_backend *t = opened();
     *info = (mos_cuda_backend_info){
         .built = built, .loaded = t != NULL, .library = library_path,
         .cudart = cudart, .cublas = cublas, .error = failure,
@@ -156,10 +162,11 @@ void mos_cuda_get_backend_info(mos_cuda_backend_info *info) {
 
 /* The back end's message for a failed call; when no driver is installed at all, also that. */
 static mos_status failed(mos_status status) {
-    if (status == MOS_ERR_CUDA && table->driver_version() == 0)
+    const mos_cuda_backend *t = opened();
+    if (status == MOS_ERR_CUDA && t->driver_version() == 0)
         return mos_set_error(status, "%s; no NVIDIA driver is installed (libcuda.so.1 was not "
-                             "found)", table->last_error());
-    return mos_set_error(status, "%s", table->last_error());
+                             "found)", t->last_error());
+    return mos_set_error(status, "%s", t->last_error());
 }
 
 /* Runs the call on the back end's table, opening it first with the system's search alone (the
@@ -167,7 +174,7 @@ static mos_status failed(mos_status status) {
 #define FORWARD(name, type, member)                                      \
     mos_status name(const type *p) {                                     \
         MOS_TRY(mos_cuda_load(NULL, 0));                                 \
-        const mos_status status = table->member(p);                      \
+        const mos_status status = opened()->member(p);                   \
         return status == MOS_OK ? MOS_OK : failed(status);               \
     }
 FORWARD(mos_cuda_assemble, mos_gather_params, assemble)
@@ -178,5 +185,6 @@ FORWARD(mos_cuda_batched_forward, mos_batched_params, batched_forward)
 
 void mos_cuda_blas_handle_counts(int64_t *created, int64_t *idle) {
     *created = *idle = 0;
-    if (table) table->blas_handle_counts(created, idle);
+    const mos_cuda_backend *t = opened();
+    if (t) t->blas_handle_counts(created, idle);
 }
