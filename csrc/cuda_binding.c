@@ -11,6 +11,7 @@
 #define MAX_DIRS 32
 
 static const char *const wheel_lib_dirs[] = {"cu13/lib", "cublas/lib", "cuda_runtime/lib"};
+#define N_WHEEL_LIB_DIRS (sizeof wheel_lib_dirs / sizeof *wheel_lib_dirs)
 
 /* Fills dirs (owned strings in `owned`, a list) from nvidia.__path__; none when it is absent. */
 static int wheel_dirs(PyObject *owned, const char **dirs, int *n) {
@@ -30,7 +31,7 @@ static int wheel_dirs(PyObject *owned, const char **dirs, int *n) {
     }
     PyObject *base;
     while ((base = PyIter_Next(iter)) != NULL) {
-        for (size_t i = 0; i < sizeof wheel_lib_dirs / sizeof *wheel_lib_dirs && *n < MAX_DIRS; ++i) {
+        for (size_t i = 0; i < N_WHEEL_LIB_DIRS && *n < MAX_DIRS; ++i) {
             PyObject *dir = PyUnicode_FromFormat("%S/%s", base, wheel_lib_dirs[i]);
             if (!dir || PyList_Append(owned, dir) < 0) {
                 Py_XDECREF(dir);
@@ -87,4 +88,14 @@ PyObject *mos_cuda_backend_dict(int load_first) {
                          "driver", info.loaded ? (info.driver_version ? "found" : "missing") : NULL,
                          "driver_version", info.driver_version, "error", OR_NONE(info.error));
 #undef OR_NONE
+}
+
+PyObject *mos_py_cuda_backend(PyObject *module, PyObject *unused) {
+    return mos_cuda_backend_dict(1);
+}
+
+PyObject *mos_py_cuda_blas_handles(PyObject *module, PyObject *unused) {
+    int64_t created, idle;
+    mos_cuda_blas_handle_counts(&created, &idle);
+    return Py_BuildValue("{sLsL}", "created", (long long)created, "idle", (long long)idle);
 }

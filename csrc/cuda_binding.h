@@ -17,4 +17,8 @@ int mos_cuda_ready(mos_device_kind device, const char *function);
  * and raises RuntimeError when it cannot. New reference, or NULL. */
 PyObject *mos_cuda_backend_dict(int load);
 
+/* _C.cuda_backend(): mos_cuda_backend_dict(1). _C.cuda_blas_handles(): {"created", "idle"}. */
+PyObject *mos_py_cuda_backend(PyObject *module, PyObject *unused);
+PyObject *mos_py_cuda_blas_handles(PyObject *module, PyObject *unused);
+
 #endif

@@ -30,7 +30,8 @@ static const mos_cuda_backend *opened(void) {
     return atomic_load_explicit(&table, memory_order_acquire);
 }
 static int tried;
-static char library_path[PATH_BYTES], cudart[PATH_BYTES], cublas[PATH_BYTES], failure[2 * PATH_BYTES];
+static char library_path[PATH_BYTES], cudart[PATH_BYTES], cublas[PATH_BYTES];
+static char failure[2 * PATH_BYTES];
 
 static pthread_once_t located = PTHREAD_ONCE_INIT;
 
@@ -118,7 +119,8 @@ static void open_backend(const char *const *dirs, int n_dirs) {
         }
         snprintf(previous, sizeof previous, "%s", soname);  /* opened: a second miss is final */
     }
-    mos_cuda_backend_table_fn get = (mos_cuda_backend_table_fn)dlsym(handle, MOS_CUDA_BACKEND_SYMBOL);
+    mos_cuda_backend_table_fn get =
+        (mos_cuda_backend_table_fn)dlsym(handle, MOS_CUDA_BACKEND_SYMBOL);
     const mos_cuda_backend *t = get ? get() : NULL;
     if (!t || t->abi != MOS_CUDA_BACKEND_ABI || t->gather_params_size != sizeof(mos_gather_params) ||
         t->linear_params_size != sizeof(mos_linear_params) ||

@@ -596,16 +596,6 @@ static PyObject *build_info(PyObject *module, PyObject *unused) {
     );
 }
 
-static PyObject *cuda_backend(PyObject *module, PyObject *unused) {
-    return mos_cuda_backend_dict(1);
-}
-
-static PyObject *cuda_blas_handles(PyObject *module, PyObject *unused) {
-    int64_t created, idle;
-    mos_cuda_blas_handle_counts(&created, &idle);
-    return Py_BuildValue("{sLsL}", "created", (long long)created, "idle", (long long)idle);
-}
-
 static PyObject *set_num_threads(PyObject *module, PyObject *arg) {
     long long n;
     if (mos_parse_int(arg, "n", 1, INT_MAX, &n) < 0) return NULL;
@@ -616,44 +606,44 @@ static PyObject *set_num_threads(PyObject *module, PyObject *arg) {
 
 /* ---------------------------------------------------------------- module definition */
 
-#define FASTCALL (METH_FASTCALL | METH_KEYWORDS)
+/* A fastcall method with keywords: {name, function, flags, docstring}. */
+#define FASTCALL(name, doc) \
+    {#name, (PyCFunction)(void (*)(void))name, METH_FASTCALL | METH_KEYWORDS, doc}
 
 static PyMethodDef methods[] = {
-    {"linear_forward", (PyCFunction)(void (*)(void))linear_forward, FASTCALL,
-     "linear_forward(y, x, pool_a, index_a, pool_b, index_b, scale, h=None, workspace=None, "
-     "stream=None)\n--\n\ny += scale * (x A^T) B^T with A, B gathered from the pools."},
-    {"linear_forward_full", (PyCFunction)(void (*)(void))linear_forward_full, FASTCALL,
-     "linear_forward_full(y, x, weight, bias, pool_a, index_a, pool_b, index_b, scale)\n--\n\n"
-     "y = x W^T + bias + scale * (x A^T) B^T (CPU)."},
-    {"linear_backward", (PyCFunction)(void (*)(void))linear_backward, FASTCALL,
-     "linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a, index_a, pool_b, index_b, scale, "
-     "h=None, workspace=None, stream=None)\n--\n\nAccumulates dx and scatter-adds pool gradients."},
-    {"batched_forward", (PyCFunction)(void (*)(void))batched_forward, FASTCALL,
-     "batched_forward(y, x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ranks=None, "
-     "grouped=False, segments=None, workspace=None, stream=None)\n--\n\n"
-     "y[n] += scales[a] * (x[n] A_a^T) B_a^T with a = adapter_ids[n] (-1: row untouched); "
-     "index_a/index_b are (K, max_rank * l) rows of the concatenated pools."},
-    {"batched_workspace_bytes", (PyCFunction)(void (*)(void))batched_workspace_bytes, FASTCALL,
-     "batched_workspace_bytes(n_rows, max_rank, itemsize, grouped=False)\n--\n\n"
-     "Device workspace bytes a CUDA batched_forward call needs."},
-    {"assemble", (PyCFunction)(void (*)(void))assemble, FASTCALL,
-     "assemble(rows, pool, index, stream=None)\n--\n\nrows[i] = pool[index[i]]."},
-    {"scatter_add", (PyCFunction)(void (*)(void))scatter_add, FASTCALL,
-     "scatter_add(pool, rows, index, stream=None)\n--\n\npool[index[i]] += rows[i] (distinct indices)."},
-    {"pool_shape", (PyCFunction)(void (*)(void))pool_shape, FASTCALL,
-     "pool_shape(d_in, d_out, n_layers, r, equivalent_rank, shards_per_vector, private_rank, "
-     "subset_selection=True)\n--\n\nValidates a pool's sizes; returns n_shards, n_public and shard lengths."},
-    {"route_indices", (PyCFunction)(void (*)(void))route_indices, FASTCALL,
-     "route_indices(d_in, d_out, n_layers, r, equivalent_rank, shards_per_vector, private_rank, "
-     "subset_selection, seed, pool_name, layer, side)\n--\n\nThe int32 index table of one (pool, layer, side)."},
-    {"route_key", (PyCFunction)(void (*)(void))route_key, FASTCALL, "route_key(seed, pool_name, layer, side)\n--\n\nThe PRNG key of one draw."},
-    {"linear_workspace_bytes", (PyCFunction)(void (*)(void))linear_workspace_bytes, FASTCALL, "linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=False, "
-     "cuda=False)\n--\n\nWorkspace bytes a linear call needs (cuda=True: with cuBLAS's slice)."},
+    FASTCALL(linear_forward, "linear_forward(y, x, pool_a, index_a, pool_b, index_b, scale, "
+             "h=None, workspace=None, stream=None)\n--\n\n"
+             "y += scale * (x A^T) B^T with A, B gathered from the pools."),
+    FASTCALL(linear_forward_full, "linear_forward_full(y, x, weight, bias, pool_a, index_a, "
+             "pool_b, index_b, scale)\n--\n\ny = x W^T + bias + scale * (x A^T) B^T (CPU)."),
+    FASTCALL(linear_backward, "linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a, index_a, "
+             "pool_b, index_b, scale, h=None, workspace=None, stream=None)\n--\n\n"
+             "Accumulates dx and scatter-adds pool gradients."),
+    FASTCALL(batched_forward, "batched_forward(y, x, pool_a, index_a, pool_b, index_b, scales, "
+             "adapter_ids, ranks=None, grouped=False, segments=None, workspace=None, "
+             "stream=None)\n--\n\ny[n] += scales[a] * (x[n] A_a^T) B_a^T with a = adapter_ids[n] "
+             "(-1: row untouched); index_a/index_b are (K, max_rank * l) rows of the concatenated "
+             "pools."),
+    FASTCALL(batched_workspace_bytes, "batched_workspace_bytes(n_rows, max_rank, itemsize, "
+             "grouped=False)\n--\n\nDevice workspace bytes a CUDA batched_forward call needs."),
+    FASTCALL(assemble, "assemble(rows, pool, index, stream=None)\n--\n\nrows[i] = pool[index[i]]."),
+    FASTCALL(scatter_add, "scatter_add(pool, rows, index, stream=None)\n--\n\n"
+             "pool[index[i]] += rows[i] (distinct indices)."),
+    FASTCALL(pool_shape, "pool_shape(d_in, d_out, n_layers, r, equivalent_rank, shards_per_vector, "
+             "private_rank, subset_selection=True)\n--\n\n"
+             "Validates a pool's sizes; returns n_shards, n_public and shard lengths."),
+    FASTCALL(route_indices, "route_indices(d_in, d_out, n_layers, r, equivalent_rank, "
+             "shards_per_vector, private_rank, subset_selection, seed, pool_name, layer, side)"
+             "\n--\n\nThe int32 index table of one (pool, layer, side)."),
+    FASTCALL(route_key, "route_key(seed, pool_name, layer, side)\n--\n\nThe PRNG key of one draw."),
+    FASTCALL(linear_workspace_bytes, "linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, "
+             "backward=False, with_h=False, cuda=False)\n--\n\n"
+             "Workspace bytes a linear call needs (cuda=True: with cuBLAS's slice)."),
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
-    {"cuda_backend", cuda_backend, METH_NOARGS,
+    {"cuda_backend", mos_py_cuda_backend, METH_NOARGS,
      "Opens the CUDA back end if it is not open yet and says what it runs with; RuntimeError "
      "naming what is missing when it cannot open."},
-    {"cuda_blas_handles", cuda_blas_handles, METH_NOARGS,
+    {"cuda_blas_handles", mos_py_cuda_blas_handles, METH_NOARGS,
      "cuBLAS handles created so far (kept for the process's lifetime) and how many are free in "
      "the per-device pools."},
     {"set_num_threads", set_num_threads, METH_O, "Sets OpenBLAS's thread count; returns the old one."},
