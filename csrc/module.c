@@ -759,7 +759,7 @@ static PyObject *batched_workspace_bytes(PyObject *module, PyObject *const *args
     return PyLong_FromSize_t(mos_batched_workspace_bytes(&p));
 }
 
-/* ---------------------------------------------------------------- pools and routes */
+/* ---------------------------------------------------------------- pools and index tables */
 
 /* The seven sizes of a pool (d_in ... private_rank) and subset_selection from objs[0..7];
  * the core checks their relations and names the field at fault. */
@@ -945,7 +945,7 @@ static PyModuleDef_Slot slots[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, .m_name = "mos._C",
-    .m_doc = "C core of mos (Mixture of Shards): pools, routes and MoSLinear kernels.",
+    .m_doc = "C core of mos (Mixture of Shards): pools, index tables and MoSLinear kernels.",
     .m_size = 0, .m_methods = methods, .m_slots = slots,
 };
 

@@ -3,7 +3,7 @@
  * the same entry points as cpu.c (mos_cuda_* in csrc/mos.h). Compiled only with MOS_WITH_CUDA;
  * ops.c provides stubs otherwise.
  *
- * What it computes (DESIGN.md section 1; every matrix row-major with a row stride in elements):
+ * What it computes (docs/design.md; every matrix row-major with a row stride in elements):
  *   assemble     rows[i, :] = pool[index[i], :]         rows (n_index, shard_len), stride rows_stride
  *   scatter_add  pool[index[i], :] += rows[i, :]        pool (n_shards, shard_len) contiguous
  *   forward      A = P_A[I_A] (r, d_in), B^T = P_B[I_B] (r, d_out) gathered into the workspace;

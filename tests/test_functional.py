@@ -1,4 +1,4 @@
-"""The C path (and CUDA when present) against the float64 reference on random shapes."""
+"""mos.functional over the C path (and CUDA when present) against the float64 reference on random shapes."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
