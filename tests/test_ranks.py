@@ -1,20 +1,23 @@
-"""mos/ranks.py on real models: the default MoSConfig() lowers r for types with too few layers
-(single-module types, one-layer regexes, small models), records it in rank_pattern, keeps budgets and
-LoRA exports exact, and says in the config's own terms which ranks would fit."""
+"""mos/ranks.py on real models (needs torch and transformers): the default MoSConfig() lowers r for
+types with too few layers (single-module types, one-layer regexes, small models), records it in
+rank_pattern, keeps budgets and LoRA exports exact, and says in the config's own terms which ranks
+would fit."""
 import json
 import re
 import warnings
 
 import numpy as np
-import peft
 import pytest
-import torch
-import transformers
 
-import mos
-from mos.budget import module_types_from_model, mos_budget
-from mos.torch import MoSModel, get_mos_model
-from torch_helpers import llama_inputs, make_llama, randomize_pools
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import mos  # noqa: E402
+from mos.budget import module_types_from_model, mos_budget  # noqa: E402
+from mos.testing import randomize_pools, tiny_llama as make_llama, token_batch as llama_inputs  # noqa: E402
+from mos.torch import MoSModel, get_mos_model  # noqa: E402
+
 
 def _bert():
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
