@@ -1,7 +1,7 @@
 """The C path (mos._C with preallocated outputs) against the same MoS math in NumPy.
 
 Forward and forward+backward of one adapted layer, d_in = d_out = 4096, float32, on CPU.
-Both sides compute exactly DESIGN section 1:
+Both sides compute exactly docs/design.md:
 
   NumPy: A = pool_a[index_a] (fancy-index gather), h = x @ A.T, y += s * h @ B.T;
          backward g = s * dy @ B, dx += g @ A, np.add.at(dpool_a, index_a, g.T @ x), and the
@@ -61,7 +61,7 @@ from results_md import cpu_name, write_section  # noqa: E402
 # ---------------------------------------------------------------------------- the two paths
 
 class NumpyPath:
-    """DESIGN section 1 in plain NumPy, the way a NumPy user would write it."""
+    """docs/design.md in plain NumPy, the way a NumPy user would write it."""
 
     name = "numpy"
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import quality  # noqa: E402
-from quality import TIE, Method, ModelShape, Profile, _cmp, _lora, _mos  # noqa: E402
+from quality import TIE, Method, ModelShape, Profile, lora_builder, loss_difference, mos_builder  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -93,13 +93,13 @@ def mos_settings(key: str, shape: ModelShape) -> dict:
 
 
 def depth_methods(shape: ModelShape) -> list[Method]:
-    out = [Method(f"lora{r}", f"LoRA r={r}", "lora", quality.LORA_LRS, _lora(r), {"lora_r": r}, budget=r)
+    out = [Method(f"lora{r}", f"LoRA r={r}", "lora", quality.LORA_LRS, lora_builder(r), {"lora_r": r}, budget=r)
            for r in LORA_RANKS]
     for key in MOS_VARIANTS:
         kw = mos_settings(key, shape)
         label = (f"MoS R_e={kw['equivalent_rank']} (r={kw['r']}, l={kw['shards_per_vector']}, "
                  f"p={kw['private_rank']})")
-        out.append(Method(key, label, "mos", quality.LORA_LRS, _mos(**kw), {"mos": kw},
+        out.append(Method(key, label, "mos", quality.LORA_LRS, mos_builder(**kw), {"mos": kw},
                           budget=kw["equivalent_rank"]))
     return out
 
@@ -154,7 +154,7 @@ def run_depth(study: Study, depth: int, outer, fresh: bool, only: set | None = N
 # --------------------------------------------------------------------------------------------- verdicts
 def gap(results: dict, key: str, big: bool) -> tuple[float, float]:
     """(MoS - LoRA test loss, its standard error over seeds) at one depth."""
-    return _cmp(results[key], results[peer(key, big)])
+    return loss_difference(results[key], results[peer(key, big)])
 
 
 def gap_series(per_depth: list[dict], key: str, big: bool) -> list[tuple[int, float, float]]:
@@ -245,7 +245,7 @@ def lora_gain_line(per_depth: list[dict]) -> str:
     for d in per_depth:
         pairs = [(f"lora{b}", f"lora{b * BIG}") for b in (1, 2) if {f"lora{b}", f"lora{b * BIG}"} <= set(d["results"])]
         if pairs:
-            diffs = [_cmp(d["results"][small], d["results"][large]) for small, large in pairs]
+            diffs = [loss_difference(d["results"][small], d["results"][large]) for small, large in pairs]
             parts.append(f"L={d['depth']}: {statistics.fmean(g for g, _ in diffs):+.4f} "
                          f"± {math.sqrt(sum(se ** 2 for _, se in diffs)) / len(diffs):.4f}")
     return ("for scale, what 8× the rank buys LoRA itself (LoRA r=R_e − LoRA r=8·R_e, mean over R_e = 1, 2): "

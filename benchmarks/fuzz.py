@@ -1,4 +1,4 @@
-"""The differential fuzz of tests/fuzz_cases.py at scale: a million calls or more.
+"""The differential fuzz of mos/testing/fuzz_cases.py at scale: a million calls or more.
 
 Case i is drawn from a PRNG seeded with i, so any case can be replayed alone (`--replay I`).
 Cases run in forked worker processes, a chunk at a time; a worker killed by a signal is a crash,
@@ -16,13 +16,10 @@ import platform
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import mos  # noqa: E402
-import fuzz_cases as fc  # noqa: E402
+import mos
+import mos.testing.fuzz_cases as fc
 
 KINDS = ("ok", "wrong", "unclear")
 EXAMPLES_KEPT = 5  # failure descriptions kept per (kind, entry point)
@@ -134,7 +131,7 @@ def section(fuzz, n, seconds, workers, command):
         "",
         "Each case makes one call to one of the "
         f"{len(fc.ENTRY_POINTS)} entry points of `mos.functional` and `mos._C` "
-        "(`tests/fuzz_cases.py`, the generator `tests/test_fuzz.py` also drives through hypothesis). "
+        "(`mos/testing/fuzz_cases.py`, the generator `tests/test_fuzz.py` also drives through hypothesis). "
         "A valid call must match a float64 NumPy reference (a quarter of them hand every array over "
         "as a torch tensor, through DLPack); a call with one defect (wrong type, "
         "dimension, dtype, shape, stride, read-only output, out-of-range or repeated index, "

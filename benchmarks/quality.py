@@ -246,7 +246,7 @@ class Method:
     budget: int | None = None  # nominal budget in LoRA-rank units (for the claims)
 
 
-def _lora(r):
+def lora_builder(r):
     def build(model, seed):
         from peft import LoraConfig, get_peft_model
 
@@ -255,7 +255,7 @@ def _lora(r):
     return build
 
 
-def _vera(r):
+def vera_builder(r):
     def build(model, seed):
         from peft import VeraConfig, get_peft_model
 
@@ -265,7 +265,7 @@ def _vera(r):
     return build
 
 
-def _vblora(r, num_vectors, vector_length):
+def vblora_builder(r, num_vectors, vector_length):
     def build(model, seed):
         from peft import VBLoRAConfig, get_peft_model
 
@@ -275,7 +275,7 @@ def _vblora(r, num_vectors, vector_length):
     return build
 
 
-def _mos(**kw):
+def mos_builder(**kw):
     def build(model, seed):
         import mos
         import mos.torch
@@ -313,15 +313,15 @@ MOS_MAIN = {1: dict(r=4, equivalent_rank=1, shards_per_vector=2, private_rank=0)
 def methods(with_mos: bool) -> list[Method]:
     out = [Method("full", "Full fine-tuning", "full", FULL_LRS, _full, {"full": True})]
     for r in (1, 2, 8, 16):
-        out.append(Method(f"lora{r}", f"LoRA r={r}", "lora", LORA_LRS, _lora(r), {"lora_r": r}, budget=r))
+        out.append(Method(f"lora{r}", f"LoRA r={r}", "lora", LORA_LRS, lora_builder(r), {"lora_r": r}, budget=r))
     if with_mos:
         for b, kw in MOS_MAIN.items():
             out.append(Method(f"mos{b}", f"MoS R_e={b} (r={kw['r']}, l={kw['shards_per_vector']}, "
-                              f"p={kw['private_rank']})", "mos", LORA_LRS, _mos(**kw), {"mos": kw}, budget=b))
+                              f"p={kw['private_rank']})", "mos", LORA_LRS, mos_builder(**kw), {"mos": kw}, budget=b))
     # VeRA r=160 trains exactly LoRA r=1's count here (sum of d_out + r per layer); VB-LoRA's bank of
     # 16 vectors of length 32 plus its logits lands 3.5% above it.
-    out.append(Method("vera", "VeRA r=160", "vera", VERA_LRS, _vera(160), {"vera_r": 160}, budget=1))
-    out.append(Method("vblora", "VB-LoRA r=2, bank 16x32", "vblora", VBLORA_LRS, _vblora(2, 16, 32),
+    out.append(Method("vera", "VeRA r=160", "vera", VERA_LRS, vera_builder(160), {"vera_r": 160}, budget=1))
+    out.append(Method("vblora", "VB-LoRA r=2, bank 16x32", "vblora", VBLORA_LRS, vblora_builder(2, 16, 32),
                       {"vblora": (2, 16, 32)}, budget=1))
     if with_mos:
         main = MOS_MAIN[2]
@@ -334,7 +334,7 @@ def methods(with_mos: bool) -> list[Method]:
                   subset_selection=False)),
         ]
         for key, label, kw in ablations:
-            out.append(Method(key, label, "ablation", LORA_LRS, _mos(**kw), {"mos": kw}, budget=2))
+            out.append(Method(key, label, "ablation", LORA_LRS, mos_builder(**kw), {"mos": kw}, budget=2))
     return out
 
 
@@ -442,7 +442,7 @@ def run_method(method: Method, base, data: dict, profile: Profile, shape: ModelS
 
 
 # --------------------------------------------------------------------------------------------- claims
-def _cmp(a: dict, b: dict) -> tuple[float, float]:
+def loss_difference(a: dict, b: dict) -> tuple[float, float]:
     """(mean(a) - mean(b), standard error of that difference)."""
     se = math.sqrt(a["test_std"] ** 2 / a["n_seeds"] + b["test_std"] ** 2 / b["n_seeds"])
     return a["test_mean"] - b["test_mean"], se
@@ -454,14 +454,14 @@ def _margin(se: float) -> float:
 
 def _vs(a: dict, b: dict) -> str:
     """'lower'/'tie'/'higher': how a's test loss compares with b's."""
-    d, se = _cmp(a, b)
+    d, se = loss_difference(a, b)
     if abs(d) <= _margin(se):
         return "tie"
     return "lower" if d < 0 else "higher"
 
 
 def _d(a, b):
-    d, se = _cmp(a, b)
+    d, se = loss_difference(a, b)
     return f"{d:+.4f} ± {se:.4f}"
 
 
@@ -515,7 +515,7 @@ def verdicts(results: dict[str, dict]) -> list[str]:
         for key, what in names.items():
             if key not in r:
                 continue
-            d, _ = _cmp(r[key], r["mos2"])
+            d, _ = loss_difference(r[key], r["mos2"])
             deltas[what] = d
             rel = _vs(r[key], r["mos2"])
             verdict = {"higher": "holds", "tie": "does not hold (no measurable effect)",
@@ -526,7 +526,7 @@ def verdicts(results: dict[str, dict]) -> list[str]:
             order = sorted(deltas, key=deltas.get, reverse=True)
             smallest = order[-1]
             others = [deltas["pair dissociation"], deltas["privatization"]]
-            margins = {what: _margin(_cmp(r[key], r["mos2"])[1]) for key, what in names.items()}
+            margins = {what: _margin(loss_difference(r[key], r["mos2"])[1]) for key, what in names.items()}
             if all(abs(deltas[w]) <= margins[w] for w in deltas):
                 verdict = "not testable (no removal has a measurable effect)"
             else:

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import warnings
 
 import torch
 import transformers
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "torch"))
+import mos
+from mos.testing import randomize_pools, tiny_llama as make_llama, token_batch as llama_inputs
 
-import mos  # noqa: E402
-from torch_helpers import llama_inputs, logits, make_llama, randomize_pools  # noqa: E402
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
 
 
 def quantized(directory, kind):

@@ -488,7 +488,7 @@ static PyObject *batched_workspace_bytes(PyObject *module, PyObject *const *args
     return PyLong_FromSize_t(mos_batched_workspace_bytes(&p));
 }
 
-/* ---------------------------------------------------------------- pools and routes */
+/* ---------------------------------------------------------------- pools and index tables */
 
 static const char *const shape_names[] = {"d_in", "d_out", "n_layers", "r", "equivalent_rank",
                                           "shards_per_vector", "private_rank", "subset_selection",
@@ -665,7 +665,7 @@ static PyModuleDef_Slot slots[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, .m_name = "mos._C",
-    .m_doc = "C core of mos (Mixture of Shards): pools, routes and MoSLinear kernels.",
+    .m_doc = "C core of mos (Mixture of Shards): pools, index tables and MoSLinear kernels.",
     .m_size = 0, .m_methods = methods, .m_slots = slots,
 };
 

@@ -66,7 +66,7 @@ size_t mos_dtype_size(mos_dtype dtype);
 /* Short name of `dtype` ("float32", ...), for messages. */
 const char *mos_dtype_name(mos_dtype dtype);
 
-/* ---------------------------------------------------------------- routes (routes.c) */
+/* ---------------------------------------------------------------- index tables (routes.c) */
 
 /* Shape of one shard pool (one module type) and the adapter settings that size it. */
 typedef struct {
@@ -85,7 +85,7 @@ typedef struct {
     int64_t shard_len_b;       /* d_out / l */
 } mos_pool_shape;
 
-/* Checks the bounds of DESIGN section 1 and fills the derived fields; the message names the field. */
+/* Checks the bounds of docs/design.md and fills the derived fields; the message names the field. */
 mos_status mos_pool_shape_validate(mos_pool_shape *shape);
 
 /* Writes the rank * l indices of (layer, side) into out: a portable draw of (r - p) * l public rows

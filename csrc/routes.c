@@ -118,7 +118,7 @@ mos_status mos_route_indices(int32_t *out, const mos_pool_shape *shape, uint64_t
         for (int64_t i = 0; i < n_pick; ++i) out[i] = (int32_t)i;
     } else if (n_pick > 0) {
         int32_t *perm = malloc((size_t)s.n_public * sizeof *perm);
-        MOS_CHECK(perm != NULL, MOS_ERR_NOMEM, "cannot allocate %lld route entries",
+        MOS_CHECK(perm != NULL, MOS_ERR_NOMEM, "cannot allocate a permutation of %lld public rows",
                   (long long)s.n_public);
         for (int64_t i = 0; i < s.n_public; ++i) perm[i] = (int32_t)i;
         uint64_t state = mos_route_key(seed, pool_name, layer, side);

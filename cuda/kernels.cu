@@ -4,7 +4,7 @@
  * library (mos/_mos_cuda.so), which mos._C opens when the first CUDA tensor arrives (backend.cu,
  * csrc/cuda_loader.c).
  *
- * What it computes (DESIGN.md section 1; every matrix row-major with a row stride in elements):
+ * What it computes (docs/design.md; every matrix row-major with a row stride in elements):
  *   assemble     rows[i, :] = pool[index[i], :]         rows (n_index, shard_len), stride rows_stride
  *   scatter_add  pool[index[i], :] += rows[i, :]        pool (n_shards, shard_len) contiguous
  *   forward      A = P_A[I_A] (r, d_in), B^T = P_B[I_B] (r, d_out) gathered into the workspace;

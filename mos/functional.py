@@ -82,7 +82,7 @@ def _column_stride(a):
 def assemble(pool, index, r: int, *, stream=None):
     """The (r, l * shard_len) matrix whose row j concatenates shards index[j*l : (j+1)*l].
 
-    Gives A for an A-pool and B^T for a B-pool (DESIGN section 1, vector sharding). CUDA calls
+    Gives A for an A-pool and B^T for a B-pool (docs/design.md, assembly). CUDA calls
     run on `stream` (default: torch's current stream for torch tensors), where the output was
     allocated."""
     _tensor(pool, "pool", 2)
@@ -207,7 +207,7 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
     lead = tuple(x.shape[:-1])
     n_rows = int(x2.shape[0])
     if out is not None:
-        d_out = _columns(out, "out", "d_out")
+        d_out = _columns(_tensor(out, "out"), "out", "d_out")
     else:
         d_out = int(pool_b.shape[1]) * (d_in // shard_len_a)
     adapter_ids = _int32_like(adapter_ids, x, "adapter_ids")

@@ -13,7 +13,7 @@ SIDE_A, SIDE_B, INIT_TAG = 0, 1, 2
 
 
 class ShardPool:
-    """The A- and B-pool shared by the `n_layers` layers of one module type (DESIGN section 1).
+    """The A- and B-pool shared by the `n_layers` layers of one module type (docs/design.md).
 
     Pools are (n_shards, d_in / l) and (n_shards, d_out / l); row k of a pool is one shard. Layer k
     privately owns rows n_public + [k*p*l, (k+1)*p*l); index tables are fixed at creation.

@@ -1,4 +1,4 @@
-"""The differential fuzz of tests/fuzz_cases.py under hypothesis. Not collected by the suite:
+"""The differential fuzz of mos/testing/fuzz_cases.py under hypothesis. Not collected by the suite:
 tests/test_fuzz.py runs it in a child process, so that a crash fails that test instead of
 killing the run. MOS_FUZZ_EXAMPLES sets the number of cases (one call each)."""
 import os
@@ -6,7 +6,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fuzz_cases as fc
+import mos.testing.fuzz_cases as fc
 
 EXAMPLES = int(os.environ.get("MOS_FUZZ_EXAMPLES", "1500"))
 

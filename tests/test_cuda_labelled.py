@@ -14,7 +14,7 @@ import mos
 from mos import _C
 from mos import functional as F
 
-from dlpack_producer import DL_CUDA, DLDevice
+from mos.testing.dlpack_producer import DL_CUDA, DLDevice
 
 torch = pytest.importorskip("torch")
 

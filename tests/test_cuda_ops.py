@@ -7,7 +7,7 @@ import pytest
 import mos
 from mos import functional as F
 
-import reference as ref
+import mos.testing.numpy_reference as ref
 from conftest import DEVICES
 
 cuda_only = DEVICES[1].marks

@@ -80,7 +80,7 @@ def test_cuda_configuration_parses_and_refuses_without_a_gpu(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         depth_study.main(["--device", "cuda"])
 
 

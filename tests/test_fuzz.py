@@ -1,10 +1,10 @@
-"""The standing fuzz of every mos.functional and mos._C entry point (tests/fuzz_cases.py), run in
+"""The standing fuzz of every mos.functional and mos._C entry point (mos/testing/fuzz_cases.py), run in
 a child process: valid calls must match the float64 reference, invalid ones must raise a
 TypeError, ValueError or BufferError naming the argument and leave every array as it was, and a
 crash fails this test. benchmarks/fuzz.py runs the same cases at scale."""
 import os
 
-import fuzz_cases as fc
+import mos.testing.fuzz_cases as fc
 from child import TESTS_DIR, run_child
 
 

@@ -70,12 +70,12 @@ def test_bytes(llama):
 
 
 def test_invalid_mos_config_raises_like_mos(llama):
-    with pytest.raises(ValueError):  # 11008 and 4096 are not divisible by 3
+    with pytest.raises(ValueError, match="shards_per_vector=3 must divide both"):  # 11008, 4096: not by 3
         mos_budget(llama, MoSConfig(r=8, equivalent_rank=2, shards_per_vector=3, private_rank=1))
-    with pytest.raises(ValueError):  # subset_selection=False needs r = N_pub / l + p
+    with pytest.raises(ValueError, match="without subset_selection .* r must be 64"):  # r = N_pub / l + p
         mos_budget(llama, MoSConfig(r=8, equivalent_rank=2, shards_per_vector=1, private_rank=0,
                                     subset_selection=False))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="r must be a positive integer, got 0"):
         lora_budget(llama, 0)
 
 
@@ -86,7 +86,7 @@ def test_llama_shapes_and_gqa():
     gqa = {t.name: t for t in llama_module_types(2048, 8192, 16, num_attention_heads=32,
                                                    num_key_value_heads=8, target_modules=["k_proj"])}
     assert gqa == {"k_proj": ModuleType("k_proj", 2048, 512, 16)}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown Llama module\(s\) \['lm_head'\]"):
         llama_module_types(64, 128, 2, target_modules=["lm_head"])
 
 
@@ -126,9 +126,9 @@ def test_results_md_sections(tmp_path):
     assert text.index("begin:alpha") < text.index("begin:beta")  # replaced in place
     assert results.read_section("beta", path=path) == "## B\n\ntwo"
     assert [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"]  # no temp or lock files left
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"section name must match .*got 'bad name'"):
         results.write_section("bad name", "x", path=path)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="markdown must not contain section markers"):
         results.write_section("gamma", "<!-- end:alpha -->", path=path)
 
 

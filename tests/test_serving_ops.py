@@ -5,8 +5,8 @@ import pytest
 import mos
 from mos import _C, functional as F
 
-import reference as ref
-from conftest import to_device, to_numpy
+import mos.testing.numpy_reference as ref
+from conftest import readonly, to_device, to_numpy, two_adapter_arrays as two_adapters
 
 D_IN, D_OUT, N_LAYERS = 16, 24, 3
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
@@ -291,12 +291,6 @@ def set_entry(key, at, value):
     return change
 
 
-def readonly(a):
-    a = a.copy()
-    a.flags.writeable = False
-    return a
-
-
 BAD = [
     ("id too large", set_entry("adapter_ids", 3, 3), ValueError, r"adapter_ids\[3\] = 3 is out of range \[-1, 3\)"),
     ("id below -1", set_entry("adapter_ids", 0, -2), ValueError, r"adapter_ids\[0\] = -2 is out of range"),
@@ -528,3 +522,61 @@ def test_cuda_grouped_many_tiles_and_groups():
     zeros = np.zeros((n, D_OUT))
     assert_rows_close(got.cpu().numpy(), adapters.expected(x, zeros, ids),
                       adapters.bound(x, zeros, ids), 1e-5, "many tiles")
+
+
+# ---------------------------------------------------------------- int64 ids and ranks never wrap; scales beyond the pools' dtype
+
+@pytest.mark.parametrize("ids", [np.array([0, 1, 2**32 + 1, 0, 1], np.int64),
+                                 np.array([0, 1, -2**32, 0, 1], np.int64), [0, 1, 2**32 + 1, 0, 1]])
+def test_batched_forward_refuses_ids_beyond_int32_instead_of_wrapping(ids):
+    x, pa, ia, pb, ib = two_adapters()
+    out = np.full((5, 6), 3.0, np.float32)
+    with pytest.raises(ValueError, match="adapter_ids: value -?4294967(297|296) does not fit in int32"):
+        F.batched_forward(x, pa, ia, pb, ib, [1.0, 2.0], ids, out=out)
+    assert (out == 3.0).all()
+
+
+def test_batched_forward_refuses_ranks_and_segments_beyond_int32():
+    x, pa, ia, pb, ib = two_adapters()
+    with pytest.raises(ValueError, match="ranks: value 4294967298 does not fit in int32"):
+        F.batched_forward(x, pa, ia, pb, ib, [1.0, 2.0], [0] * 5, ranks=np.array([2**32 + 2, 1]))
+    with pytest.raises(ValueError, match="segments: value 4294967301 does not fit in int32"):
+        F.batched_forward(x, pa, ia, pb, ib, [1.0, 2.0], [0] * 5, segments=np.array([0, 2**32 + 5]),
+                          strategy="grouped")
+
+
+def test_batched_forward_torch_int64_ids_are_range_checked():
+    torch = pytest.importorskip("torch")
+    x, pa, ia, pb, ib = (torch.from_numpy(a) for a in two_adapters())
+    with pytest.raises(ValueError, match="adapter_ids: value 4294967297 does not fit in int32"):
+        F.batched_forward(x, pa, ia, pb, ib, [1.0, 2.0], torch.tensor([0, 1, 2**32 + 1, 0, 1]))
+    with pytest.raises(TypeError, match="adapter_ids: expected integers, got torch.bool"):
+        F.batched_forward(x, pa, ia, pb, ib, [1.0, 2.0], torch.ones(5, dtype=torch.bool))
+
+
+def test_int64_ids_in_range_still_work():
+    x, pa, ia, pb, ib = two_adapters()
+    ids = np.array([0, 1, -1, 1, 0], np.int64)
+    y = F.batched_forward(x, pa, ia, pb, ib, [1.0, 2.0], ids)
+    np.testing.assert_array_equal(y, F.batched_forward(x, pa, ia, pb, ib, [1.0, 2.0], ids.astype(np.int32)))
+
+
+def test_segments_with_the_per_row_strategy_are_refused_not_dropped():
+    x, pa, ia, pb, ib = two_adapters()
+    with pytest.raises(ValueError, match="segments: only the grouped strategy uses segments"):
+        F.batched_forward(x, pa, ia, pb, ib, [1.0, 2.0], [0] * 5, segments=[0, 5], strategy="per_row")
+
+
+def test_batched_scales_not_finite_in_float32_are_refused():
+    x, pa, ia, pb, ib = two_adapters()
+    out = np.zeros((5, 6), np.float32)
+    with pytest.raises(ValueError, match=r"scales\[1\] = 1e\+39 is not finite in float32"):
+        F.batched_forward(x, pa, ia, pb, ib, np.array([1.0, 1e39]), [0, 1, 0, 1, 0], out=out)
+    assert not out.any()
+
+
+@pytest.mark.parametrize("n_rows", [5, 0])
+def test_an_out_that_is_not_a_tensor_is_named(n_rows):
+    x, pa, ia, pb, ib = two_adapters()
+    with pytest.raises(TypeError, match="out: expected a NumPy array or a DLPack tensor, got str"):
+        F.batched_forward(x[:n_rows], pa, ia, pb, ib, [1.0, 2.0], [0] * n_rows, out="str")

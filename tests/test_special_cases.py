@@ -1,11 +1,11 @@
-"""The special cases DESIGN section 1 pins: LoRA, pure sharing, and each ablation alone."""
+"""The special cases docs/design.md pins: LoRA, pure sharing, and each ablation alone."""
 import numpy as np
 import pytest
 
 import mos
 from mos import functional as F
 
-import reference as ref
+import mos.testing.numpy_reference as ref
 
 
 @pytest.mark.parametrize("l", [1, 2, 4])

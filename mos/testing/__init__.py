@@ -6,6 +6,7 @@
     assert_exports_match_peft(model, path)    export_lora loads in peft.PeftModel with the same outputs
     assert_only_adapter_trainable(model)      exactly the active adapter's pools train
     tiny_llama / tiny_gpt2 / token_batch      small real transformers models from configs, seeded
+    randomize_pools(model)                    seeded nonzero pools, so an adapter shows in the outputs
 
 The plugin (mos.testing.plugin, registered through the `pytest11` entry point) adds fixtures of
 the same names, a --mos-device option and a `gpu` marker. Nothing here imports torch until used,
@@ -17,7 +18,7 @@ _EXPORTS = {
     "reference_forward": "reference", "reference_backward": "reference",
     "assert_adapter_close": "assertions", "assert_no_op_at_init": "assertions",
     "assert_exports_match_peft": "assertions", "assert_only_adapter_trainable": "assertions",
-    "tiny_llama": "models", "tiny_gpt2": "models", "token_batch": "models",
+    "tiny_llama": "models", "tiny_gpt2": "models", "token_batch": "models", "randomize_pools": "models",
 }
 
 

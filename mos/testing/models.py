@@ -1,9 +1,10 @@
-"""Tiny real transformers models built from configs (no download), and token batches, all seeded."""
+"""Tiny real transformers models built from configs (no download), token batches, and random pools
+for an adapter under test, all seeded."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llama", "tiny_gpt2", "token_batch", "TINY_VOCAB", "LLAMA_CONFIG", "GPT2_CONFIG"]
+__all__ = ["tiny_llama", "tiny_gpt2", "token_batch", "randomize_pools", "TINY_VOCAB", "LLAMA_CONFIG", "GPT2_CONFIG"]
 
 TINY_VOCAB = 128
 LLAMA_CONFIG = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -37,3 +38,12 @@ def token_batch(batch: int = 2, seq: int = 8, vocab_size: int = TINY_VOCAB, seed
     """(batch, seq) int64 token ids drawn uniformly from [0, vocab_size) by a seeded generator."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq), generator=g).to(device)
+
+
+def randomize_pools(model, seed: int = 3, scale: float = 0.2):
+    """Gives every pool of every adapter of a MoSModel seeded nonzero values (a fresh adapter's
+    B-pool is zero, so its outputs would not show the adapter at all)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.mos_pools.parameters():
+            param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64).to(param.dtype) * scale)

@@ -1,4 +1,4 @@
-"""An independent pure-torch MoS (DESIGN section 1), written shard by shard in float64.
+"""An independent pure-torch MoS (docs/design.md), written shard by shard in float64.
 
 It shares no code with mos.torch: each rank vector is the concatenation of its gathered shards,
 and each shard's gradient is added into its pool row one at a time. Slow by design; use it on

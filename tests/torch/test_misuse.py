@@ -1,9 +1,10 @@
-"""Misuse the model API used to accept and get silently wrong: each is now refused, naming the problem."""
+"""mos/torch/misuse.py: misuse the model API used to accept and get silently wrong (unsafe or reserved
+adapter names, a base wrapped twice, modules at two paths, merges into tied weights or naming no
+adapter): each is refused, naming the problem."""
 import os
 
 import pytest
 import torch
-from torch import nn
 
 from mos.torch import MoSModel, get_mos_model
 from torch_helpers import llama_inputs, logits, make_llama, mos_config, randomize_pools
@@ -78,21 +79,9 @@ def test_merge_adapter_names_are_checked():
     torch.testing.assert_close(logits(model, ids), expected, rtol=1e-5, atol=1e-5)
 
 
-class TokensModel(nn.Module):
-    """A model whose input comes under a keyword mixed batches do not know."""
-
-    def __init__(self):
-        super().__init__()
-        self.llama = make_llama()
-
-    def forward(self, tokens):
-        return self.llama(input_ids=tokens)
-
-
-def test_mixed_batch_size_is_found_under_any_keyword():
-    model = get_mos_model(TokensModel(), mos_config(target_modules=["q_proj"])).eval()
-    tokens = llama_inputs(batch=3, seq=4)
-    with pytest.raises(ValueError, match="1 entries for a batch of 3 samples"):
-        model(tokens=tokens, adapter_names=["default"])
-    with torch.no_grad():
-        assert model(tokens=tokens, adapter_names=["default"] * 3).logits.shape[0] == 3
+@pytest.mark.parametrize("name", ["", "a.b", "train", 3])
+def test_bad_adapter_names(name):
+    model = get_mos_model(make_llama(), mos_config(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="adapter name"):
+        model.add_adapter(name, mos_config(target_modules=["q_proj"]))
+    assert set(model.peft_config) == {"default"}

@@ -3,7 +3,7 @@ shown to pass where it should and to fail where it should."""
 import pytest
 import torch
 
-import reference as numpy_reference
+import mos.testing.numpy_reference as numpy_reference
 from mos.testing import (assert_adapter_close, assert_exports_match_peft, assert_no_op_at_init,
                          assert_only_adapter_trainable, reference_backward, reference_forward)
 from mos.torch import adapter_linear, get_mos_model

@@ -1,11 +1,14 @@
 """Mixed-adapter batches and the adapter store: every sample equals its adapter run alone."""
+import functools
+
 import pytest
 import torch
+from torch import nn
 
 import mos
 from mos.torch import serving
 
-from torch_helpers import llama_inputs, make_llama, mos_config, randomize_pools
+from torch_helpers import llama_inputs, logits_with, make_llama, make_serving_model, mos_config, randomize_pools
 
 # Three adapters that differ in everything the store must reconcile: rank, shards per vector
 # (packed at their least common multiple), private rank and target modules.
@@ -17,24 +20,8 @@ CONFIGS = {
 }
 
 
-def make_model(names=("alpha", "beta", "gamma"), device="cpu", dtype=torch.float32, **extra):
-    base = make_llama(dtype=dtype).to(device)
-    first, *rest = names
-    model = mos.get_mos_model(base, mos_config(**{**CONFIGS[first], **extra}), adapter_name=first)
-    for name in rest:
-        model.add_adapter(name, mos_config(**{**CONFIGS[name], **extra}))
-    randomize_pools(model)
-    return model.eval()
-
-
-def single(model, ids, name):
-    """Logits of `ids` with one adapter active (or none for "__base__")."""
-    with torch.no_grad():
-        if name == serving.BASE_ADAPTER:
-            with model.disable_adapter():
-                return model(ids).logits
-        model.set_adapter(name)
-        return model(ids).logits
+make_model = functools.partial(make_serving_model, CONFIGS)
+single = logits_with
 
 
 def assert_close(got, want, what, tol=1e-5):
@@ -191,7 +178,7 @@ def test_store_refuses_adapters_that_do_not_fit(tmp_path):
         store.load(str(tmp_path / "f64"), "f64")
     with pytest.raises(ValueError, match="reserved"):
         store.load(str(tmp_path / "f64"), serving.BASE_ADAPTER)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing/adapter_config.json: no such file"):
         store.load(str(tmp_path / "missing"), "missing")
     assert store.adapter_names == names and list(model.peft_config) == names
 
@@ -256,3 +243,23 @@ def test_store_of_a_cast_model_loads_adapters_saved_from_it(tmp_path):
     fresh.save_pretrained(str(tmp_path / "f32"))
     with pytest.raises(ValueError, match="pool_dtype 'float32' differs from the store's 'bfloat16'"):
         store.load(str(tmp_path / "f32"), "f32")
+
+
+class TokensModel(nn.Module):
+    """A model whose input comes under a keyword mixed batches do not know."""
+
+    def __init__(self):
+        super().__init__()
+        self.llama = make_llama()
+
+    def forward(self, tokens):
+        return self.llama(input_ids=tokens)
+
+
+def test_mixed_batch_size_is_found_under_any_keyword():
+    model = mos.get_mos_model(TokensModel(), mos_config(target_modules=["q_proj"])).eval()
+    tokens = llama_inputs(batch=3, seq=4)
+    with pytest.raises(ValueError, match="1 entries for a batch of 3 samples"):
+        model(tokens=tokens, adapter_names=["default"])
+    with torch.no_grad():
+        assert model(tokens=tokens, adapter_names=["default"] * 3).logits.shape[0] == 3

@@ -1,11 +1,11 @@
 """Mixed-adapter batches from several threads, while adapters come and go, and after state loads:
 every sample equals its adapter run alone."""
+import functools
 import threading
 
 import torch
 
-import mos
-from torch_helpers import llama_inputs, make_llama, mos_config, randomize_pools, run_threads
+from torch_helpers import llama_inputs, logits_alone, make_serving_model, randomize_pools, run_threads
 
 # alpha and beta serve throughout; gamma also adapts modules the others leave alone, so loading
 # and unloading it wraps and unwraps layers.
@@ -17,27 +17,8 @@ CONFIGS = {
 }
 
 
-def make_model(names=("alpha", "beta", "gamma")):
-    first, *rest = names
-    model = mos.get_mos_model(make_llama(), mos_config(**CONFIGS[first]), adapter_name=first)
-    for name in rest:
-        model.add_adapter(name, mos_config(**CONFIGS[name]))
-    randomize_pools(model)
-    return model.eval()
-
-
-def alone(model, ids, names):
-    """Row i of `ids` run with adapter names[i] only (the reference)."""
-    rows = []
-    with torch.no_grad():
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    rows.append(model(ids[i:i + 1]).logits[0])
-            else:
-                model.set_adapter(name)
-                rows.append(model(ids[i:i + 1]).logits[0])
-    return torch.stack(rows)
+make_model = functools.partial(make_serving_model, CONFIGS)
+alone = logits_alone
 
 
 def test_threads_serving_mixed_batches_each_get_their_own_adapters():

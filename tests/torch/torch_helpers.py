@@ -1,13 +1,13 @@
-"""Helpers shared by the torch tests: tiny real transformers models, configs and a float64 reference."""
+"""Helpers shared by the torch tests: tiny real transformers models, configs, the serving model and
+threads (the float64 NumPy reference is mos.testing.numpy_reference)."""
 import json
 import os
 import threading
 
-import numpy as np
 import torch
 
 import mos
-from mos.testing import tiny_llama, token_batch
+from mos.testing import randomize_pools, tiny_llama, token_batch  # noqa: F401 (randomize_pools: shared)
 from mos.testing.models import LLAMA_CONFIG as LLAMA_KW
 
 
@@ -28,12 +28,31 @@ def mos_config(**overrides):
     return mos.MoSConfig(**kw)
 
 
-def randomize_pools(model, seed=3, scale=0.2):
-    """Gives every pool of every adapter nonzero values (a fresh adapter's B-pool is zero)."""
-    g = torch.Generator().manual_seed(seed)
+def make_serving_model(configs, names=None, device="cpu", dtype=torch.float32, **extra):
+    """The serving tests' model: the tiny Llama with one adapter per name (default: every entry of
+    `configs`, a dict of name -> mos_config overrides, plus `extra` for all), random pools, eval mode."""
+    first, *rest = tuple(configs) if names is None else names
+    base = make_llama(dtype=dtype).to(device)
+    model = mos.get_mos_model(base, mos_config(**{**configs[first], **extra}), adapter_name=first)
+    for name in rest:
+        model.add_adapter(name, mos_config(**{**configs[name], **extra}))
+    randomize_pools(model)
+    return model.eval()
+
+
+def logits_with(model, ids, name):
+    """Logits of `ids` with adapter `name` alone active ("__base__": with the adapters disabled)."""
     with torch.no_grad():
-        for name, param in model.mos_pools.named_parameters():
-            param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64).to(param.dtype) * scale)
+        if name == "__base__":
+            with model.disable_adapter():
+                return model(ids).logits
+        model.set_adapter(name)
+        return model(ids).logits
+
+
+def logits_alone(model, ids, names):
+    """Row i of `ids` run with adapter names[i] alone: what a mixed batch must reproduce."""
+    return torch.stack([logits_with(model, ids[i:i + 1], name)[0] for i, name in enumerate(names)])
 
 
 def logits(model, ids):
@@ -44,38 +63,6 @@ def logits(model, ids):
 def plain_state(model):
     """The base model's state with MoSLinear's `.base_layer` hop removed (loads into a fresh model)."""
     return {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items()}
-
-
-def reference_delta(x, pool_a, index_a, pool_b, index_b, scale):
-    """float64 NumPy reference of DESIGN section 1: scale * (x A^T) B^T over the last dimension."""
-    x = np.asarray(x, np.float64)
-    pool_a, pool_b = np.asarray(pool_a, np.float64), np.asarray(pool_b, np.float64)
-    index_a, index_b = np.asarray(index_a), np.asarray(index_b)
-    d_in = x.shape[-1]
-    shards = d_in // pool_a.shape[1]
-    rank = len(index_a) // shards
-    a = pool_a[index_a].reshape(rank, d_in)
-    bt = pool_b[index_b].reshape(rank, -1)
-    return scale * (x @ a.T) @ bt
-
-
-def reference_grads(dy, x, pool_a, index_a, pool_b, index_b, scale):
-    """(dx, dpool_a, dpool_b) of reference_delta for upstream gradient dy (float64, NumPy)."""
-    dy, x = np.asarray(dy, np.float64).reshape(-1, dy.shape[-1]), np.asarray(x, np.float64)
-    x = x.reshape(-1, x.shape[-1])
-    pool_a, pool_b = np.asarray(pool_a, np.float64), np.asarray(pool_b, np.float64)
-    d_in = x.shape[-1]
-    shards = d_in // pool_a.shape[1]
-    rank = len(index_a) // shards
-    a = pool_a[index_a].reshape(rank, d_in)
-    bt = pool_b[index_b].reshape(rank, -1)
-    h = x @ a.T
-    g = scale * dy @ bt.T
-    dpool_a = np.zeros_like(pool_a)
-    dpool_b = np.zeros_like(pool_b)
-    np.add.at(dpool_a, np.asarray(index_a), (g.T @ x).reshape(rank * shards, -1))
-    np.add.at(dpool_b, np.asarray(index_b), (scale * h.T @ dy).reshape(rank * shards, -1))
-    return g @ a, dpool_a, dpool_b
 
 
 def to_numpy(t):

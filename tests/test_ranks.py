@@ -1,21 +1,22 @@
-"""The first run works: default MoSConfig() on small real models, single-module types, one-layer
-regexes, and loading onto the wrong base, with errors in the config's own terms."""
+"""mos/ranks.py on real models (needs torch and transformers): the default MoSConfig() lowers r for
+types with too few layers (single-module types, one-layer regexes, small models), records it in
+rank_pattern, keeps budgets and LoRA exports exact, and says in the config's own terms which ranks
+would fit."""
 import json
 import re
 import warnings
 
 import numpy as np
-import peft
 import pytest
-import torch
-import transformers
 
-import mos
-from mos.budget import module_types_from_model, mos_budget
-from mos.torch import MoSModel, get_mos_model
-from torch_helpers import llama_inputs, make_llama, randomize_pools
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
 
-C_LOCATION = re.compile(r"\[\w+\.(c|cu|h|inc):\d+\]")
+import mos  # noqa: E402
+from mos.budget import module_types_from_model, mos_budget  # noqa: E402
+from mos.testing import randomize_pools, tiny_llama as make_llama, token_batch as llama_inputs  # noqa: E402
+from mos.torch import MoSModel, get_mos_model  # noqa: E402
 
 
 def _bert():
@@ -153,7 +154,7 @@ def test_lowered_ranks_export_to_peft_with_equal_outputs(tmp_path):
 
 
 def test_explicit_rank_that_does_not_fit_says_what_would():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match="^q_proj has 4 layers: ") as err:
         get_mos_model(make_llama(num_hidden_layers=4),
                       mos.MoSConfig(target_modules=["q_proj"], rank_pattern={"q_proj": 8}))
     assert str(err.value).startswith("q_proj has 4 layers: with equivalent_rank=2, private_rank=1, "
@@ -170,24 +171,3 @@ def test_scale_raised_by_a_lowered_rank_is_refused_when_the_model_is_built():
                                              r"in pool_dtype float32"):
             get_mos_model(base, config)
     assert not any(isinstance(m, mos.torch.MoSLinear) for m in base.modules())
-
-
-def test_loading_onto_a_base_with_fewer_layers_names_the_modules(tmp_path):
-    model = get_mos_model(make_llama(num_hidden_layers=4), mos.MoSConfig(r=4, target_modules=["q_proj"]))
-    model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"was saved for modules \['model\.layers\.0\.self_attn\.q_proj', .*"
-                                         r"this model's matches are .*layers\.1\.self_attn\.q_proj'\]") as err:
-        MoSModel.from_pretrained(make_llama(num_hidden_layers=2), tmp_path)
-    assert not C_LOCATION.search(str(err.value))
-
-
-@pytest.mark.parametrize("call", [
-    lambda: mos._C.pool_shape(8, 8, 0, 4, 2, 2, 1, True),
-    lambda: mos.functional.forward(np.ones((2, 9), np.float32), np.zeros((8, 4), np.float32),
-                                   np.arange(4, dtype=np.int32), np.zeros((8, 4), np.float32),
-                                   np.arange(4, dtype=np.int32), scale=1.0),
-])
-def test_core_errors_carry_no_source_location(call):
-    with pytest.raises(ValueError) as err:
-        call()
-    assert not C_LOCATION.search(str(err.value)), str(err.value)

@@ -1,4 +1,4 @@
-"""The C path (and CUDA when present) against the float64 reference on random shapes."""
+"""mos.functional over the C path (and CUDA when present) against the float64 reference on random shapes."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import mos
 from mos import functional as F
 
-import reference as ref
+import mos.testing.numpy_reference as ref
 from conftest import to_device, to_numpy
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}

@@ -1,4 +1,8 @@
-"""A float64 NumPy reference of DESIGN section 1, written the most obvious way (no cleverness)."""
+"""A float64 NumPy reference of MoS (docs/design.md), written the most obvious way (no cleverness).
+
+The one NumPy reference of the test suite and the fuzz: `forward` / `backward` take the rank `r`;
+`delta` / `grads` read it from the shapes (r = len(index_a) / (d_in / shard length)), for callers
+holding only tensors. Imports NumPy alone."""
 import numpy as np
 
 
@@ -40,8 +44,8 @@ def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, r):
     return dx, dpool_a, dpool_b
 
 
-def route_table(n_layers, r, equivalent_rank, l, p, subset_selection, draw):
-    """Index tables from DESIGN: `draw(k)` supplies the public sample of layer k."""
+def index_tables(n_layers, r, equivalent_rank, l, p, subset_selection, draw):
+    """The index tables of docs/design.md: `draw(k)` supplies the public sample of layer k."""
     n_public = (equivalent_rank - p) * n_layers * l
     tables = []
     for k in range(n_layers):
@@ -49,3 +53,23 @@ def route_table(n_layers, r, equivalent_rank, l, p, subset_selection, draw):
         private = list(range(n_public + k * p * l, n_public + (k + 1) * p * l))
         tables.append(public + private)
     return np.array(tables, dtype=np.int32)
+
+
+def rank_of(x, pool_a, index_a):
+    """The forward rank an index table encodes: its length over the shards per vector."""
+    shards = np.shape(x)[-1] // np.shape(pool_a)[1]
+    return len(index_a) // shards
+
+
+def delta(x, pool_a, index_a, pool_b, index_b, scale):
+    """scale * (x A^T) B^T over the last dimension of x (any number of leading dimensions)."""
+    return forward(x, pool_a, np.asarray(index_a), pool_b, np.asarray(index_b), scale,
+                   rank_of(x, pool_a, index_a))
+
+
+def grads(dy, x, pool_a, index_a, pool_b, index_b, scale):
+    """(dx, dpool_a, dpool_b) of `delta` for upstream gradient dy; dx has x's rows flattened."""
+    x, dy = np.asarray(x), np.asarray(dy)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return backward(dy2, x2, pool_a, np.asarray(index_a), pool_b, np.asarray(index_b), scale,
+                    rank_of(x, pool_a, index_a))

@@ -1,4 +1,4 @@
-"""adapter_linear (the autograd op over the C core) against the float64 reference of DESIGN section 1."""
+"""adapter_linear (the autograd op over the C core) against the float64 reference of docs/design.md."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +6,8 @@ import torch
 import mos
 from mos.torch import ops
 from mos.torch.ops import adapter_linear
-from torch_helpers import reference_delta, reference_grads, to_numpy
+from mos.testing.numpy_reference import delta as reference_delta, grads as reference_grads
+from torch_helpers import to_numpy
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
@@ -155,7 +156,7 @@ def test_bad_inputs_raise_clear_errors():
         adapter_linear(torch.randn(4, 15), pool_a, index_a, pool_b, index_b, 1.0)
     bad = index_a.clone()
     bad[0] = pool_a.shape[0]  # out of range: the core refuses before writing
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"index_a\[0\] = \d+ is out of range"):
         adapter_linear(x, pool_a, bad, pool_b, index_b, 1.0)
     with pytest.raises(ValueError, match="finite"):
         adapter_linear(x, pool_a, index_a, pool_b, index_b, float("nan"))

@@ -1,13 +1,18 @@
 """save_pretrained / from_pretrained / load_adapter: round trips and refusal of bad files."""
 import json
 import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import mos
 from mos.torch import MoSLinear, MoSModel, get_mos_model
 from torch_helpers import llama_inputs, logits, make_llama, mos_config, plain_state, randomize_pools, rewrite_config
+
+# A C source location in a message means a core error leaked through unexplained.
+C_LOCATION = re.compile(r"\[\w+\.(c|cu|h|inc):\d+\]")
 
 
 @pytest.fixture
@@ -165,3 +170,12 @@ def test_missing_directory_raises(tmp_path):
     model = get_mos_model(make_llama(), mos_config())
     with pytest.raises(ValueError, match="unknown adapter"):
         model.save_pretrained(str(tmp_path), selected_adapters=["nope"])
+
+
+def test_loading_onto_a_base_with_fewer_layers_names_the_modules(tmp_path):
+    model = get_mos_model(make_llama(num_hidden_layers=4), mos.MoSConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"was saved for modules \['model\.layers\.0\.self_attn\.q_proj', .*"
+                                         r"this model's matches are .*layers\.1\.self_attn\.q_proj'\]") as err:
+        MoSModel.from_pretrained(make_llama(num_hidden_layers=2), tmp_path)
+    assert not C_LOCATION.search(str(err.value))

@@ -21,9 +21,8 @@ import numpy as np
 from mos import _C
 from mos import functional as F
 
-import reference as ref
-
-from dlpack_producer import DL_CPU, DL_CUDA, Producer
+from . import numpy_reference as ref
+from .dlpack_producer import DL_CPU, DL_CUDA, Producer
 
 try:
     import torch

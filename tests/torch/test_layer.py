@@ -6,7 +6,8 @@ from torch import nn
 
 import mos
 from mos.torch import MoSLinear, SharedPools
-from torch_helpers import reference_delta, to_numpy
+from mos.testing.numpy_reference import delta as reference_delta
+from torch_helpers import to_numpy
 
 
 def _layer(device, dropout=0.0, position=1, init_b=True, dtype=torch.float32):

@@ -237,3 +237,21 @@ def test_deepcopy_keeps_pools_shared_between_layers_and_model():
     with torch.no_grad():
         pools.pool_b.zero_()
     torch.testing.assert_close(logits(clone, ids), logits(make_llama(), ids), rtol=0, atol=0)
+
+
+def test_adapter_bookkeeping_errors():
+    model = get_mos_model(make_llama(), mos_config(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", mos_config(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="unknown adapter 'x'"):
+        model.set_adapter("x")
+    with pytest.raises(ValueError, match="unknown adapter 'x'"):
+        model.delete_adapter("x")
+    with pytest.raises(TypeError, match="already a MoSModel"):
+        get_mos_model(model, mos_config())
+    with pytest.raises(TypeError, match="config must be a MoSConfig"):
+        model.add_adapter("other", {"r": 4})
+    failing = mos_config(target_modules=["nothing"])
+    with pytest.raises(ValueError, match="matched no module"):
+        model.add_adapter("other", failing)
+    assert set(model.peft_config) == {"default"} and set(model.mos_pools) == {"default"}
