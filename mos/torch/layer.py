@@ -135,8 +135,10 @@ class MoSLinear(nn.Module):
         #   otherwise                       -> base layer + the update of each active adapter that is
         #                                      neither merged (already in the weight) nor absent here
         #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (mixed_batch.py)
-        batch = current_batch()  # set by mos.torch.mixed_batch, per call
-        if batch is not None and batch.serves(self):
+        # A mixed batch: MoSModel.forward/generate(adapter_names=[...]) enters mixed_batch.mixed_batch(),
+        # which puts a MixedBatch for this call in call_context; it runs this layer for every sample.
+        batch = current_batch(self)
+        if batch is not None:
             return batch.forward(self, x, *args, **kwargs)
         if adapter_names is not None:
             raise NotImplementedError("a single MoSLinear does not take adapter_names; pass them to the "

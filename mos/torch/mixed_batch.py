@@ -11,14 +11,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .. import _C
+from . import core_bridge
 from .call_context import running
 from .layer import MoSLinear
 from .names import BASE_ADAPTER
-from .ops import _export, adapter_linear, core_supports
+from .ops import adapter_linear
 from .store import Packing
 
-__all__ = ["mixed_batch", "plan_rows"]
+__all__ = ["MixedBatch", "mixed_batch", "plan_rows"]
 
 # Rows per sample above which one sample's rows share one assembly (prefill); at or below it every
 # row reads its shards directly (decode). Matches the C core's own cut-over.
@@ -52,7 +52,7 @@ def plan_rows(sample_slots, rows_per_sample: int, device):
     return ids, segments, grouped
 
 
-class _MixedBatch:
+class MixedBatch:
     """Per-call state of a mixed-adapter forward: the store's packing it runs with, each sample's
     adapter name and slot, expanded to rows per shape. It travels in a context variable, never on
     the layers, so concurrent calls on one model each see their own."""
@@ -78,48 +78,43 @@ class _MixedBatch:
         return n_rows // n_samples
 
     def rows(self, n_rows: int, device):
+        """(ids, grouped, handle of ids, handle of segments) of a layer that sees n_rows rows on
+        `device`, planned once per call and shape."""
         key = (n_rows, str(device))
         cached = self._rows.get(key)
         if cached is None:
+            core_bridge.refuse_capture(device, "a mixed-adapter batch (adapter_names=)")
             ids, segments, grouped = plan_rows(self.sample_slots, self.rows_per_sample(n_rows), device)
-            cached = (ids, segments, grouped, _export(ids), _export(segments))
+            cached = (ids, grouped, core_bridge.handle(ids), core_bridge.handle(segments))
             self._rows[key] = cached
         return cached
 
     def forward(self, layer: MoSLinear, x, *args, **kwargs):
+        """The base layer, then one batched core call per bank adding each row's own adapter."""
         result = layer.base_layer(x, *args, **kwargs)
         packs = self.packing.layers.get(layer, [])
         if not packs:
             return result
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
-        ids, segments, grouped, ids_handle, segments_handle = self.rows(x2.shape[0], x.device)
+        ids, grouped, ids_handle, segments_handle = self.rows(x2.shape[0], x.device)
         pool_dtype = packs[0].pack.pool_a.dtype
         if packs[0].pack.pool_a.device != x.device:
             raise ValueError(f"{layer.module_type}: the pools are on {packs[0].pack.pool_a.device} but "
                              f"the layer input is on {x.device}; mixed-adapter batches need the adapters "
                              f"on the layer's device")
         adapter_in = x2 if x2.dtype == pool_dtype else x2.to(pool_dtype)
-        if not core_supports(adapter_in):
+        if not core_bridge.core_supports(adapter_in):
             return self._fallback(layer, x, result, ids)
         adapter_in = adapter_in if adapter_in.stride(-1) == 1 else adapter_in.contiguous()
         out2 = result.reshape(-1, result.shape[-1])
         same = out2.dtype == pool_dtype and out2.data_ptr() == result.data_ptr()
         update = out2 if same else adapter_in.new_zeros((x2.shape[0], out2.shape[1]))
-        update_handle, x_handle = _export(update), _export(adapter_in)
         for layer_pack in packs:  # one bank per shards-per-vector value; usually one
-            pack = layer_pack.pack
-            options = {}
-            if x.device.type == "cuda":
-                nbytes = _C.batched_workspace_bytes(x2.shape[0], pack.max_rank,
-                                                    adapter_in.element_size(), grouped)
-                options["workspace"] = _export(torch.empty(max(nbytes, 256), dtype=torch.uint8,
-                                                           device=x.device))
-                options["stream"] = torch.cuda.current_stream(x.device).cuda_stream or 1
             pool_a, index_a, pool_b, index_b, scales, ranks = layer_pack.exported()
-            _C.batched_forward(update_handle, x_handle, pool_a, index_a, pool_b, index_b, scales,
-                               ids_handle, ranks=ranks, grouped=grouped, segments=segments_handle,
-                               **options)
+            core_bridge.batched_forward(update, adapter_in, pool_a, index_a, pool_b, index_b, scales,
+                                        ids_handle, ranks=ranks, grouped=grouped, segments=segments_handle,
+                                        max_rank=layer_pack.pack.max_rank)
         if same:
             return result
         return result + update.reshape(result.shape).to(result.dtype)
@@ -195,6 +190,6 @@ def mixed_batch(model, adapter_names, args=(), kwargs=None):
         if batch != len(adapter_names):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} "
                              f"samples; pass one adapter name per sample")
-        state = _MixedBatch(packing, adapter_names)
+        state = MixedBatch(packing, adapter_names)
         with running(state), torch.no_grad():
             yield state

@@ -99,15 +99,15 @@ class MoSModel(FallThroughModule):
         label names from the class's forward signature, and computes evaluation losses only then."""
         if labels is not None:
             kwargs["labels"] = labels
-        if adapter_names is not None:  # one adapter per sample, "__base__" for none (serving.py)
-            from .serving import mixed_batch
+        if adapter_names is not None:  # one adapter per sample, "__base__" for none (mixed_batch.py)
+            from .mixed_batch import mixed_batch
             with mixed_batch(self, adapter_names, args, kwargs):
                 return self.get_base_model()(*args, **kwargs)
         return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args, adapter_names=None, **kwargs):
         if adapter_names is not None:
-            from .serving import mixed_batch
+            from .mixed_batch import mixed_batch
             with mixed_batch(self, adapter_names, args, kwargs):
                 return self.get_base_model().generate(*args, **kwargs)
         return self.get_base_model().generate(*args, **kwargs)
@@ -117,7 +117,7 @@ class MoSModel(FallThroughModule):
         """The AdapterStore that packs this model's adapters for mixed batches (made on first use)."""
         store = self.__dict__.get("_adapter_store")
         if store is None:
-            from .serving import AdapterStore
+            from .store import AdapterStore
             store = self.__dict__["_adapter_store"] = AdapterStore(self)
         return store
 

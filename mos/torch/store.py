@@ -22,7 +22,7 @@ import torch
 from . import files
 from .layer import MoSLinear
 from .names import BASE_ADAPTER
-from .ops import _export
+from .core_bridge import handle
 from .rwlock import ReadWriteLock
 from .saved_modules import saved_wrappers
 
@@ -53,7 +53,7 @@ class _LayerPack:
 
     def exported(self) -> tuple:
         if self.handles is None:
-            self.handles = tuple(_export(t) for t in (self.pack.pool_a, self.index_a, self.pack.pool_b,
+            self.handles = tuple(handle(t) for t in (self.pack.pool_a, self.index_a, self.pack.pool_b,
                                                       self.index_b, self.pack.scales, self.ranks))
         return self.handles
 
