@@ -6,6 +6,7 @@ unless given; N-D inputs are flattened to rows. Every call validates before it w
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import re
 from contextlib import nullcontext
@@ -63,14 +64,17 @@ def _on_launch_stream(function):
     """Runs an op whose first argument decides the device with its stream= validated and, for a
     CUDA torch tensor, made torch's current stream for the call (core_bridge.on_stream): what the
     op allocates or copies then belongs to the stream that uses it."""
+    first_name = next(iter(inspect.signature(function).parameters))
+
     @functools.wraps(function)
-    def run(first, *args, stream=None, **kwargs):
+    def run(*args, stream=None, **kwargs):
         stream = _stream(stream)
+        first = args[0] if args else kwargs.get(first_name)
         scope = nullcontext()
         if stream is not None and _is_torch(first) and _is_cuda(first):
             scope = _bridge().on_stream(first.device, stream)
         with scope:
-            return function(first, *args, stream=stream, **kwargs)
+            return function(*args, stream=stream, **kwargs)
     return run
 
 
@@ -109,8 +113,8 @@ def assemble(pool, index, r: int, *, stream=None):
     """The (r, l * shard_len) matrix whose row j concatenates shards index[j*l : (j+1)*l].
 
     Gives A for an A-pool and B^T for a B-pool (DESIGN section 1, vector sharding). CUDA calls
-    run on `stream` (default: torch's current stream for torch tensors), where the output was
-    allocated."""
+    run on `stream` (default: torch's current stream for torch tensors, else the legacy default
+    stream); for torch tensors the output is allocated on that stream."""
     _tensor(pool, "pool", 2)
     n_index = int(_tensor(index, "index", 1).shape[0])
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
