@@ -19,7 +19,7 @@ belongs to the stream that uses it (the caching allocator reuses a block only af
 reached the free)."""
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -179,9 +179,3 @@ def batched_forward(out, x, pool_a, index_a, pool_b, index_b, scales, ids, *, ra
     _C.batched_forward(capsule(out), capsule(x), pool_a, index_a, pool_b, index_b, scales, ids,
                        ranks=ranks, grouped=grouped, segments=segments, **options)
 
-
-def stream_scope(tensor, stream):
-    """on_stream for a CUDA torch tensor given an explicit stream; no change otherwise."""
-    if stream is None or tensor.device.type != "cuda":
-        return nullcontext()
-    return on_stream(tensor.device, stream)

@@ -130,6 +130,11 @@ class MoSModel(FallThroughModule):
         active = self.active_adapter
         return [] if active is None else [active] if isinstance(active, str) else list(active)
 
+    def saved_plan(self, adapter_name: str):
+        """What adapter `adapter_name` trains besides its pools (saved_modules.SavedPlan:
+        modules_to_save, biases)."""
+        return self._saved_plans[adapter_name]
+
     def _saving_adapter(self):
         """The adapter whose modules_to_save copies run: the active one (set_adapter refuses
         several active adapters when one has modules_to_save)."""
