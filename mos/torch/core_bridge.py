@@ -3,7 +3,8 @@ how a tensor is handed over, which CUDA stream a call launches on, and the works
 
 Every caller that gives torch tensors to the core comes through here: the differentiable op
 (ops.py), the adapter store and the mixed batch (store.py, mixed_batch.py), mos.functional for CUDA
-torch tensors, and the serving benchmark.
+torch tensors, and the serving benchmark. It also keeps the core's OpenBLAS single-threaded next
+to torch (below).
 
 Handing over. Capsules come straight from torch's C exporter (about 0.3 us per tensor), not from
 Tensor.__dlpack__, which is Python (about 10 us) and refuses tensors on a GPU other than the current
@@ -19,6 +20,7 @@ belongs to the stream that uses it (the caching allocator reuses a block only af
 reached the free)."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -26,7 +28,8 @@ import torch
 from .. import _C
 
 __all__ = ["CORE_DTYPES", "CUDA_BUILT", "Export", "batched_forward", "capsule", "core_supports",
-           "handle", "launch_stream", "linear_options", "on_stream", "refuse_capture", "workspace"]
+           "handle", "launch_stream", "linear_backward", "linear_forward", "linear_options", "on_stream",
+           "refuse_capture", "workspace"]
 
 CORE_DTYPES = {
     "cpu": frozenset({torch.float32, torch.float64}),
@@ -36,6 +39,14 @@ CUDA_BUILT = bool(_C.build_info()["cuda"])
 _DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
 _LEGACY_DEFAULT_STREAM = 1  # as DLPack spells it; torch reports it as 0
 _MIN_WORKSPACE = 256  # bytes: an empty tensor has no data pointer, which the core refuses
+
+# Next to torch, torch's thread pool owns the cores. The adapter's GEMMs are thin (rank r) and
+# memory-bound, while a second, busy-waiting BLAS pool fights torch's for the same cores (one
+# d=1024, N=256, r=8 call: 0.5 ms single-threaded, 56 ms with 2 threads on a busy 2-core machine).
+# So the core's BLAS runs single-threaded unless the user chose a count (OPENBLAS_NUM_THREADS, or
+# mos.set_num_threads() after this import).
+if "OPENBLAS_NUM_THREADS" not in os.environ:
+    _C.set_num_threads(1)
 
 _to_dlpack_versioned = getattr(torch._C, "_to_dlpack_versioned", None)
 _to_dlpack = getattr(torch._C, "_to_dlpack", None)
@@ -156,6 +167,23 @@ def linear_options(x, n_rows, d_in, d_out, rank, backward, with_h) -> dict:
         return {}
     nbytes = _C.linear_workspace_bytes(n_rows, d_in, d_out, rank, x.element_size(), backward, with_h, True)
     return {"workspace": capsule(workspace(nbytes, x.device)), "stream": launch_stream(x.device)}
+
+
+def linear_forward(y, x, pool_a, index_a, pool_b, index_b, scale, h, rank):
+    """y += scale (x A^T) B^T (mos._C.linear_forward); h, when given, receives x A^T. Every tensor
+    is this call's torch tensor."""
+    _C.linear_forward(capsule(y), capsule(x), capsule(pool_a), capsule(index_a), capsule(pool_b),
+                      capsule(index_b), scale, h=capsule(h),
+                      **linear_options(x, x.shape[0], x.shape[1], y.shape[1], rank, False, h is not None))
+
+
+def linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a, index_a, pool_b, index_b, scale, h, rank):
+    """Accumulates into dx, dpool_a, dpool_b (each may be None) the gradients of
+    y = scale (x A^T) B^T for the upstream dy (mos._C.linear_backward)."""
+    _C.linear_backward(capsule(dx), capsule(dpool_a), capsule(dpool_b), capsule(dy), capsule(x),
+                       capsule(pool_a), capsule(index_a), capsule(pool_b), capsule(index_b), scale,
+                       h=capsule(h),
+                       **linear_options(x, x.shape[0], x.shape[1], dy.shape[1], rank, True, h is not None))
 
 
 def refuse_capture(device, what: str) -> None:

@@ -16,23 +16,14 @@ the same semantics, so a layer works everywhere and is fast where the core runs.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from .. import _C
-from .core_bridge import capsule, core_supports, linear_options
+from . import core_bridge
+from .core_bridge import core_supports
 
 __all__ = ["adapter_linear", "core_supports"]
-
-# Next to torch, torch's thread pool owns the cores. The adapter's GEMMs are thin (rank r) and
-# memory-bound, while a second, busy-waiting BLAS pool fights torch's for the same cores (one
-# d=1024, N=256, r=8 call: 0.5 ms single-threaded, 56 ms with 2 threads on a busy 2-core machine).
-# So the core's BLAS runs single-threaded unless the user chose a count (OPENBLAS_NUM_THREADS, or
-# mos.set_num_threads() after this import).
-if "OPENBLAS_NUM_THREADS" not in os.environ:
-    _C.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -80,7 +71,7 @@ def _check_inputs(x, pool_a, index_a, pool_b, index_b, base):
 def _forward_impl(x, pool_a, index_a, pool_b, index_b, scale: float, base, save_h: bool):
     """(y, h): y = base + scale (x A^T) B^T as a new (N, d_out) tensor; h = x A^T (N, r) when
     save_h, else None."""
-    n_rows, d_in, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
+    n_rows, _, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
     if not core_supports(x):
         return _fallback_forward(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
     x = _as_rows(x)
@@ -89,9 +80,8 @@ def _forward_impl(x, pool_a, index_a, pool_b, index_b, scale: float, base, save_
     else:
         y = base.clone(memory_format=torch.contiguous_format)
     h = x.new_empty((n_rows, rank)) if save_h else None
-    _C.linear_forward(capsule(y), capsule(x), capsule(pool_a.contiguous()), capsule(index_a),
-                      capsule(pool_b.contiguous()), capsule(index_b), scale, h=capsule(h),
-                      **linear_options(x, n_rows, d_in, d_out, rank, False, save_h))
+    core_bridge.linear_forward(y, x, pool_a.contiguous(), index_a, pool_b.contiguous(), index_b, scale, h,
+                               rank)
     return y, h
 
 
@@ -99,7 +89,7 @@ def _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, scale: float, h,
                    need_dx: bool, need_dpool_a: bool, need_dpool_b: bool):
     """(dx, dpool_a, dpool_b), each None when not needed. Pool gradients are dense, pool-shaped,
     and hold the scatter-add of this layer's A/B gradients into the rows it gathered."""
-    n_rows, d_in, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
+    n_rows, _, _, rank, _ = _dims(x, pool_a, index_a, pool_b)
     if h is not None and h.shape[0] != n_rows:
         h = None  # forward did not keep x A^T: the core recomputes it
     if not core_supports(x):
@@ -110,10 +100,8 @@ def _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, scale: float, h,
     dpool_a = torch.zeros_like(pool_a, memory_format=torch.contiguous_format) if need_dpool_a else None
     dpool_b = torch.zeros_like(pool_b, memory_format=torch.contiguous_format) if need_dpool_b else None
     if dx is not None or dpool_a is not None or dpool_b is not None:
-        _C.linear_backward(capsule(dx), capsule(dpool_a), capsule(dpool_b), capsule(dy), capsule(x),
-                           capsule(pool_a.contiguous()), capsule(index_a), capsule(pool_b.contiguous()),
-                           capsule(index_b), scale, h=capsule(h),
-                           **linear_options(x, n_rows, d_in, d_out, rank, True, h is not None))
+        core_bridge.linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a.contiguous(), index_a,
+                                    pool_b.contiguous(), index_b, scale, h, rank)
     return dx, dpool_a, dpool_b
 
 
