@@ -154,10 +154,11 @@ sanitizer() {
     shift
     exe=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null) ||
         { echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin)"; return 127; }
-    local filters
+    local filters usage
     filters=$(kernel_filters) || return
     # Toolkits before --kernel-name spelled the same filters --kernel-regex.
-    "$exe" --help 2>/dev/null | grep -q -- "--kernel-name" || filters=${filters//--kernel-name/--kernel-regex}
+    usage=$("$exe" --help 2>&1)
+    [[ $usage == *--kernel-name* ]] || filters=${filters//--kernel-name/--kernel-regex}
     echo "instrumenting mos's kernels only: $filters"
     # shellcheck disable=SC2086  # one word per filter
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$exe" --tool "$tool" $filters --error-exitcode 3 --print-limit 20 "$@"
