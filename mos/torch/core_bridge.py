@@ -186,14 +186,13 @@ def linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a, index_a, pool_b, index_
                        **linear_options(x, x.shape[0], x.shape[1], dy.shape[1], rank, True, h is not None))
 
 
-def refuse_capture(device, what: str) -> None:
-    """Raises RuntimeError when torch is capturing a CUDA graph on `device`'s current stream and
-    `what` is about to copy from host memory (illegal inside a capture)."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"{what} copies its plan from host memory to the GPU, which a CUDA graph "
-                           f"capture does not allow; capture mos._C.batched_forward with device-resident "
-                           f"ids instead (docs/serving.md, CUDA graphs)")
+def refuse_capture(what: str) -> None:
+    """Raises RuntimeError when torch is capturing a CUDA graph on the current stream: `what`
+    copies from host memory to the GPU, which a capture forbids."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{what} copies from host memory to the GPU, which a CUDA graph capture "
+                           f"does not allow; capture mos._C.batched_forward with device-resident ids "
+                           f"instead (docs/serving.md, CUDA graphs)")
 
 
 def batched_forward(out, x, pool_a, index_a, pool_b, index_b, scales, ids, *, ranks=None, grouped=False,

@@ -61,7 +61,7 @@ class MixedBatch:
         self.packing = packing
         self.adapter_names = tuple(adapter_names)
         self.sample_slots = np.asarray([packing.slot(name) for name in adapter_names], dtype=np.int32)
-        self._rows = {}  # (rows, device) -> (ids, segments or None, grouped)
+        self._rows = {}  # (rows, device) -> what rows() returns
 
     def serves(self, module) -> bool:
         """Whether `module` (a MoSLinear or a ModulesToSaveWrapper) belongs to the model this batch
@@ -83,7 +83,6 @@ class MixedBatch:
         key = (n_rows, str(device))
         cached = self._rows.get(key)
         if cached is None:
-            core_bridge.refuse_capture(device, "a mixed-adapter batch (adapter_names=)")
             ids, segments, grouped = plan_rows(self.sample_slots, self.rows_per_sample(n_rows), device)
             cached = (ids, grouped, core_bridge.handle(ids), core_bridge.handle(segments))
             self._rows[key] = cached
@@ -177,6 +176,7 @@ def mixed_batch(model, adapter_names, args=(), kwargs=None):
             raise TypeError(f"adapter_names must hold strings, got {name!r}")
     if model.training:
         raise ValueError("adapter_names (mixed-adapter batches) is inference-only; call model.eval() first")
+    core_bridge.refuse_capture("a mixed-adapter batch (adapter_names=)")
     with model.adapter_store.request() as packing:
         layers = packing.all_layers
         merged = sorted({n for layer in layers for n in layer.merged_adapters})
