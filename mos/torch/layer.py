@@ -134,8 +134,8 @@ class MoSLinear(nn.Module):
         #   adapters disabled               -> base layer only (unmerging first if merged)
         #   otherwise                       -> base layer + the update of each active adapter that is
         #                                      neither merged (already in the weight) nor absent here
-        #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (serving.py)
-        batch = current_batch()  # set by mos.torch.serving, per call
+        #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (mixed_batch.py)
+        batch = current_batch()  # set by mos.torch.mixed_batch, per call
         if batch is not None and batch.serves(self):
             return batch.forward(self, x, *args, **kwargs)
         if adapter_names is not None:
