@@ -149,7 +149,7 @@ class AdapterStore:
             self._repack()
 
     def save(self, adapter_name: str, directory: str) -> None:
-        """Writes one adapter to `directory` (adapter_config.json + adapter_model.safetensors)."""
+        """Writes one adapter to `directory`, as save_pretrained writes it."""
         with self._lock.read():
             self._save(adapter_name, directory)
 
@@ -157,9 +157,7 @@ class AdapterStore:
         if adapter_name not in self.model.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: "
                              f"{sorted(self.model.peft_config)}")
-        paths = {t: [p for p, _ in entries] for t, entries in self.model.adapter_paths(adapter_name).items()}
-        files.write_adapter(directory, self.model.peft_config[adapter_name],
-                            dict(self.model.mos_pools[adapter_name].items()), paths)
+        self.model.save_adapter(adapter_name, directory)  # what save_pretrained writes for it
 
     # ------------------------------------------------------------------ memory
     def resident_bytes(self) -> dict:
