@@ -366,6 +366,33 @@ class MoSModel(FallThroughModule):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """nn.Module's state dict with each tied parameter once, under its first name (GPT-2's
+        lm_head.weight is transformer.wte.weight): safetensors refuses tensors that share memory,
+        and transformers.Trainer writes a model it does not know with safetensors. Loading fills
+        the tied names back in, so load_state_dict(state_dict()) stays strict."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for alias in self._tied_aliases():
+            state.pop(prefix + alias, None)
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for alias, name in self._tied_aliases().items():  # torch calls this before any child loads
+            if prefix + alias not in state_dict and prefix + name in state_dict:
+                state_dict[prefix + alias] = state_dict[prefix + name]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _tied_aliases(self) -> dict:
+        """{later name: first name} of every parameter reachable under two names."""
+        first, aliases = {}, {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            if id(param) in first:
+                aliases[name] = first[id(param)]
+            else:
+                first[id(param)] = name
+        return aliases
+
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, selected_adapters=None,
                         save_embedding_layers="auto", is_main_process: bool = True, **unsupported) -> None:

@@ -85,3 +85,28 @@ def test_mos_trainer_best_model_differs_from_the_last_and_is_loaded(tmp_path):
     from_best = MoSModel.from_pretrained(make_llama(), best, adapter_name="tuned")
     for key, value in _pools(from_best).items():
         assert torch.equal(_pools(model)[key].cpu(), value), key
+
+
+def _tied_model():
+    torch.manual_seed(0)
+    return get_mos_model(make_llama(tie_word_embeddings=True), mos_config(target_modules=["q_proj", "v_proj"]))
+
+
+def test_plain_trainer_checkpoints_a_tied_base_and_resumes_exactly(tmp_path):
+    straight = _tied_model()
+    base = straight.get_base_model()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    transformers.Trainer(model=straight, args=_args(tmp_path / "straight"), train_dataset=TokenRows()).train()
+    assert "model.safetensors" in os.listdir(tmp_path / "straight" / "checkpoint-2")
+    resumed = _tied_model()
+    again = transformers.Trainer(model=resumed, args=_args(tmp_path / "again"), train_dataset=TokenRows())
+    again.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    for key, value in _pools(straight).items():
+        assert torch.equal(_pools(resumed)[key], value), key
+    # The tied name comes back on a strict load, and stays tied.
+    state = straight.state_dict()
+    assert "base_model.model.lm_head.weight" not in state
+    fresh = _tied_model()
+    fresh.load_state_dict(state)
+    assert fresh.get_base_model().lm_head.weight is fresh.get_base_model().model.embed_tokens.weight
+    assert torch.equal(fresh.get_base_model().lm_head.weight, base.lm_head.weight)
