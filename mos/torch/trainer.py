@@ -54,6 +54,7 @@ class MoSTrainer(transformers.Trainer):
             model.save_adapter(name, directory, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
+        os.makedirs(output_dir, exist_ok=True)
         tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
