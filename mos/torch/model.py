@@ -373,6 +373,8 @@ class MoSModel(FallThroughModule):
         and transformers.Trainer writes a model it does not know with safetensors. Loading fills
         the tied names back in, so load_state_dict(state_dict()) stays strict."""
         state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if args:  # torch's deprecated positional (destination, prefix, keep_vars): left as torch makes it
+            return state
         for alias in self._tied_aliases():
             state.pop(prefix + alias, None)
         return state
