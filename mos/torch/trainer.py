@@ -23,7 +23,7 @@ from ..pool import ShardPool
 from . import files, saved_modules
 from .model import MoSModel
 
-__all__ = ["MoSTrainer"]
+__all__ = ["MoSTrainer", "adapter_directories", "restore_pools"]
 
 _TRAINING_ARGS_NAME = "training_args.bin"  # what transformers.Trainer._save writes next to the model
 

@@ -1,8 +1,6 @@
 """The adapter store meets files and other adapters: what it saves is what save_pretrained writes,
 adapters that would change every row are refused, and batches or adapter sets it cannot serve
 raise a clear ValueError before any work."""
-import os
-
 import pytest
 import torch
 import transformers
