@@ -23,6 +23,7 @@ from torch import nn
 from .call_context import current_batch
 from .fall_through import FallThroughModule
 from .files import SAVED_PREFIX
+from .layer import MoSLinear
 
 __all__ = ["ModulesToSaveWrapper", "SavedPlan", "plan_saved", "install_saved", "saved_tensors",
            "load_saved", "copy_saved", "with_task_heads", "remove_saved", "unload_saved",
@@ -168,8 +169,6 @@ def _check_savable(model: nn.Module, path: str, names) -> None:
     files would then name wrapper paths no plain model has), or one whose weights are shared by
     modules of its kind deeper in the model, which the submodules call in its place (T5's `shared`
     and the encoder's and decoder's `embed_tokens`): that copy would never run, and never train."""
-    from .layer import MoSLinear  # layer imports call_context only; kept local to keep imports one-way
-
     module = model.get_submodule(path)
     adapted = [f"{path}.{p}".rstrip(".") for p, m in module.named_modules() if isinstance(m, MoSLinear)]
     if adapted:
