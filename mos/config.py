@@ -108,6 +108,14 @@ class MoSConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_modules, list) and not all(isinstance(n, str) and n for n in self.target_modules):
             raise ValueError(f"target_modules: expected non-empty module names, got {self.target_modules!r}")
+        # PEFT's LoraConfig refuses these two; accepting them would adapt every layer.
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError(f"layers_to_transform cannot be used when target_modules is a str "
+                             f"({self.target_modules!r}, a regex or 'all-linear'); list the module names, "
+                             f"or put the layer indices into the regex")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError(f"layers_pattern={self.layers_pattern!r} is specified without "
+                             f"layers_to_transform; give the layer indices too")
         if not isinstance(self.layer_pattern, str):
             raise ValueError(f"layer_pattern must be a regex string, got {type(self.layer_pattern).__name__}")
         for name in ("base_model_name_or_path", "task_type"):

@@ -1,4 +1,4 @@
-"""Crash-safe writes: files that appear whole or not at all, directories swapped in as a whole.
+"""Crash-safe file writes and reads: files that appear whole or not at all, read in one go.
 
 Temporaries live next to their target as .<target>.<pid>.<random>.tmp, are created with mode 0666
 less the umask (as open() would create the file), and are removed by a later write into the same
@@ -6,19 +6,18 @@ directory once the process that made them is gone, so a kill -9 leaves no lastin
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
 import re
 import secrets
 import shutil
+import stat
 
-__all__ = ["atomic_write", "write_bytes", "write_json", "replace_directory", "remove_stale_temporaries"]
+__all__ = ["atomic_write", "write_bytes", "write_json", "read_regular_file", "remove_regular_file",
+           "remove_stale_temporaries"]
 
 _TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.[0-9a-f]{16}\.tmp$")
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
 
 
 def _temporary_path(path: str) -> str:
@@ -67,6 +66,33 @@ def write_json(path: str, data: dict) -> None:
     atomic_write(path, write)
 
 
+def read_regular_file(path: str) -> bytes | None:
+    """The bytes of `path`, read through one open file, so a writer renaming a new file into place
+    meanwhile gives the old contents or the new ones, never parts of both; None when nothing is
+    there. Raises ValueError for anything but a regular file (opened without blocking: a named
+    pipe never hangs the reader)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        return f.read()
+
+
+def remove_regular_file(path: str) -> None:
+    """Removes `path` if it is a regular file; raises ValueError for anything else there (a
+    directory, a link, a named pipe are never the library's to remove)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file; refusing to replace it")
+    _remove(path)
+
+
 def remove_stale_temporaries(directory: str) -> None:
     """Removes the temporaries in `directory` whose writing process no longer exists."""
     try:
@@ -77,88 +103,6 @@ def remove_stale_temporaries(directory: str) -> None:
         match = _TEMPORARY.match(name)
         if match and not _process_exists(int(match.group("pid"))):
             _remove(os.path.join(directory, name))
-
-
-def replace_directory(path: str, fill) -> None:
-    """Makes directory `path` hold what fill(tmp_dir) writes, switched in with one atomic exchange:
-    at every instant `path` holds the complete old contents or the complete new ones. Entries of
-    the old directory that fill does not write are carried over as hard links (copies where the
-    file system has none)."""
-    path = os.path.realpath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temporaries(parent)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{path}: is a file, expected a directory")
-    tmp = _temporary_path(path)
-    os.mkdir(tmp, 0o777)  # umask applies
-    try:
-        fill(tmp)
-        if os.path.isdir(path):
-            _carry_over(path, tmp)
-        for name in os.listdir(tmp):
-            if not os.path.isdir(os.path.join(tmp, name)):
-                _fsync(os.path.join(tmp, name))
-        _fsync(tmp)
-        if not os.path.isdir(path):
-            os.rename(tmp, path)
-        elif _exchange(tmp, path):
-            pass  # tmp now holds the old contents
-        else:  # no atomic exchange here: the path is briefly absent, never mixed
-            old = _temporary_path(path)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            tmp = old
-        _fsync(parent)
-    finally:
-        _remove(tmp)
-
-
-def _carry_over(old: str, new: str) -> None:
-    for name in os.listdir(old):
-        src, dst = os.path.join(old, name), os.path.join(new, name)
-        if os.path.lexists(dst):
-            continue
-        if os.path.islink(src):
-            os.symlink(os.readlink(src), dst)
-        elif os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(src, dst)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    renameat2 = getattr(_libc(), "renameat2", None)
-    if renameat2 is None:
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), b)
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            _LIBC = False
-    return _LIBC or None
-
-
-_LIBC = None
 
 
 def _process_exists(pid: int) -> bool:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from .atomic import replace_directory, write_bytes
+from .atomic import atomic_write, read_regular_file, remove_regular_file, remove_stale_temporaries, write_bytes
 from .files import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME
 from . import sharding
 from .layer import MoSLinear
@@ -69,18 +70,33 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
         "modules_to_save": plan.modules or None,
     }
 
-    def fill(directory):
-        write_bytes(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(tensors, {"format": "pt"}))
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(lora_config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    # PEFT reads the two files separately, so they are switched in together: a kill -9 at any
-    # instant leaves the previous export or this one.
     if not sharded or sharding.is_writer():
-        replace_directory(save_directory, fill)
+        _write_export(save_directory, safetensors_bytes(tensors, {"format": "pt"}),
+                      (json.dumps(lora_config, indent=2, sort_keys=True) + "\n").encode())
     if sharded:
         sharding.barrier()
+
+
+def _write_export(directory, weights: bytes, config: bytes) -> None:
+    """Replaces the export's two files in `directory`, each renamed into place whole; nothing else
+    there is read, moved or removed (other writers, open files and working directories stay).
+
+    PEFT reads the two files separately. When the config changes, the old one is removed before the
+    new weights go in, so a kill -9 at any instant leaves the previous export, this one, or weights
+    without a config (which PEFT refuses to load), never one export's config beside the other's
+    weights. A config that stays the same is left in place: the weights' rename is the one switch."""
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory}: is a file, expected a directory")
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory)
+    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for path in (weights_path, config_path):
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise ValueError(f"{path}: not a regular file; refusing to replace it")
+    if read_regular_file(config_path) != config:
+        remove_regular_file(config_path)
+    atomic_write(weights_path, lambda tmp: write_bytes(tmp, weights))
+    atomic_write(config_path, lambda tmp: write_bytes(tmp, config))
 
 
 def _peft_saved_keys(tensors, adapted):

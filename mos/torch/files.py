@@ -21,11 +21,11 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load, save as safetensors_bytes
 
 from ..config import MoSConfig
-from .atomic import atomic_write, remove_stale_temporaries, write_bytes, write_json
+from .atomic import atomic_write, read_regular_file, remove_stale_temporaries, write_bytes, write_json
 from .pools import torch_dtype
 from .targets import ALL_LINEAR
 
@@ -108,19 +108,17 @@ def read_adapter(directory: str) -> AdapterFiles:
     carry no config (written by another tool); otherwise from the weights' metadata."""
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(weights_path):
+    # Each file is read once, through one open file: a save renaming new files into place meanwhile
+    # gives this read one save's weights whole, and the save ids below pair them with their config.
+    weights = read_regular_file(weights_path)
+    if weights is None:
         missing = weights_path if os.path.isfile(config_path) else config_path
         hint = ""
         if os.path.isfile(os.path.join(directory, "model.safetensors")):
             hint = ("; this directory holds a whole model.safetensors, as transformers.Trainer writes "
                     "for a model it does not know as an adapter: train with mos.torch.MoSTrainer")
         raise FileNotFoundError(f"{missing}: no such file (expected a MoS adapter directory){hint}")
-    try:
-        with safe_open(weights_path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    metadata, tensors = _parse_safetensors(weights_path, weights)
     layout = _metadata_json(weights_path, metadata, "mos_layout")
     if layout is not None:
         _check_layout_shape(weights_path, layout)
@@ -128,9 +126,7 @@ def read_adapter(directory: str) -> AdapterFiles:
     if embedded is not None and not isinstance(embedded, dict):
         raise ValueError(f"{weights_path}: metadata 'mos_config' must be a JSON object, got "
                          f"{type(embedded).__name__}")
-    data, source = None, config_path
-    if os.path.isfile(config_path):
-        data = _read_json_object(config_path)
+    data, source = _read_json_object(config_path), config_path
     if embedded is not None and (data is None or data.get(SAVE_ID) != metadata.get(SAVE_ID)):
         warnings.warn(f"{config_path} does not belong to the save that wrote {weights_path} (an "
                       f"interrupted save); using the config stored with the weights", stacklevel=3)
@@ -173,12 +169,27 @@ def _regex_fields(config: MoSConfig) -> list:
     return found
 
 
-def _read_json_object(path: str) -> dict:
+def _parse_safetensors(path: str, data: bytes) -> tuple:
+    """(metadata, {key: tensor}) of a safetensors file's bytes; raises ValueError naming the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        tensors = safetensors_load(data)
+        header_size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_size])
+    except (SafetensorError, ValueError, RuntimeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({_reason(err)})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return (metadata if isinstance(metadata, dict) else {}), tensors
+
+
+def _read_json_object(path: str) -> dict | None:
+    """The JSON object in `path`, None when there is no such file."""
+    try:
+        raw = read_regular_file(path)
+        data = None if raw is None else json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({_reason(err)})") from None
+    if raw is None:
+        return None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

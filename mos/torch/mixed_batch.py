@@ -143,22 +143,24 @@ _INPUT_KEYS = ("input_ids", "inputs_embeds", "inputs", "hidden_states", "x", "pi
                "input_values", "input_features", "decoder_input_ids")
 
 
-def _batch_size(args, kwargs):
-    """The batch size of a call: its input's first dimension (a known input keyword, else the first
-    positional tensor, else the largest first dimension among keyword tensors of 2+ dimensions;
-    one-dimensional ones such as cache_position are not per sample)."""
-    for key in _INPUT_KEYS:
-        value = kwargs.get(key)
-        if isinstance(value, torch.Tensor):
-            return value.shape[0]
-    for value in args:
-        if isinstance(value, torch.Tensor):
-            return value.shape[0]
-    sizes = [v.shape[0] for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 2]
-    if not sizes:
+def _batch_sizes(args, kwargs) -> dict:
+    """{input: its first dimension} of a call's per-sample inputs: every known input keyword (a
+    CLIP call has texts and images, which may differ in number), else the first positional tensor,
+    else the largest first dimension among keyword tensors of 2+ dimensions (one-dimensional ones
+    such as cache_position are not per sample)."""
+    sizes = {key: kwargs[key].shape[0] for key in _INPUT_KEYS
+             if isinstance(kwargs.get(key), torch.Tensor) and kwargs[key].dim() >= 1}
+    positional = next((value for value in args if isinstance(value, torch.Tensor)), None)
+    if positional is not None and positional.dim() >= 1:
+        sizes["the positional input"] = positional.shape[0]
+    if sizes:
+        return sizes
+    others = {k: v.shape[0] for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
+    if not others:
         raise ValueError(f"adapter_names: cannot tell the batch size of this call (no input tensor among "
                          f"{sorted(kwargs)}); pass the input positionally or as one of {list(_INPUT_KEYS)}")
-    return max(sizes)
+    key = max(others, key=others.get)
+    return {key: others[key]}
 
 
 @contextmanager
@@ -186,10 +188,13 @@ def mixed_batch(model, adapter_names, args=(), kwargs=None):
         if any(layer.disable_adapters for layer in layers):
             raise ValueError("adapter_names cannot be used inside disable_adapter(); pass "
                              f"{BASE_ADAPTER!r} for samples that should run the base model alone")
-        batch = _batch_size(args, kwargs or {})
-        if batch != len(adapter_names):
+        sizes = _batch_sizes(args, kwargs or {})
+        wrong = {key: n for key, n in sizes.items() if n != len(adapter_names)}
+        if wrong:
+            key, batch = next(iter(wrong.items()))
+            others = "".join(f", {k} has {n}" for k, n in sizes.items() if k != key)
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} "
-                             f"samples; pass one adapter name per sample")
+                             f"samples ({key}{others}); pass one adapter name per sample of every input")
         state = MixedBatch(packing, adapter_names)
         with running(state), torch.no_grad():
             yield state

@@ -20,7 +20,13 @@ from .layer import MoSLinear
 from .pools import SharedPools
 from .targets import default_target_modules, find_targets, listed_targets
 
-__all__ = ["MoSModel", "get_mos_model"]
+__all__ = ["MoSModel", "get_mos_model", "adapter_directory"]
+
+
+def adapter_directory(save_directory: str, adapter_name: str) -> str:
+    """Where save_pretrained(save_directory) puts an adapter: "default" in save_directory itself,
+    any other in save_directory/<name> (PEFT's layout)."""
+    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
 
 
 def get_mos_model(model: nn.Module, config: MoSConfig, adapter_name: str = "default") -> "MoSModel":
@@ -53,6 +59,13 @@ class MoSModel(FallThroughModule):
         self._inference_adapters = set()
         self._saved_plans = {}  # adapter -> saved_modules.SavedPlan (modules_to_save, biases)
         self._expose_forward_signature()
+
+    def __getstate__(self):
+        # The adapter store (a lock, packed views of this model's pools) belongs to this instance:
+        # a copy or an unpickled model makes its own on first use.
+        state = dict(super().__getstate__())
+        state.pop("_adapter_store", None)
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -208,8 +221,6 @@ class MoSModel(FallThroughModule):
         self.peft_config[adapter_name] = config
         if not is_trainable:
             self._inference_adapters.add(adapter_name)
-        for param in self.base_model.parameters():
-            param.requires_grad_(False)
         self._sync_requires_grad()
 
     def _wrap(self, path, linear, module_type):
@@ -252,14 +263,20 @@ class MoSModel(FallThroughModule):
             self.active_adapter = None
             if remaining:
                 self.set_adapter(remaining)
+        self._sync_requires_grad()
 
     def _sync_requires_grad(self):
-        for name, pools in self.mos_pools.items():
-            trainable = name in self.active_adapters and name not in self._inference_adapters
-            for param in pools.parameters():
-                param.requires_grad_(trainable)
-            for param in saved_modules.saved_parameters(self.get_base_model(), name, self._saved_plans[name]):
-                param.requires_grad_(trainable)
+        """Derives every parameter's requires_grad from the set of adapters (on each add, delete and
+        set_adapter): the pools, module copies and biases of the active trainable adapters train;
+        everything else, the base model and what a deleted adapter trained included, is frozen."""
+        trainable = set()
+        for name in self.active_adapters:
+            if name in self.peft_config and name not in self._inference_adapters:
+                trainable.update(map(id, self.mos_pools[name].parameters()))
+                trainable.update(map(id, saved_modules.saved_parameters(self.get_base_model(), name,
+                                                                        self._saved_plans[name])))
+        for param in self.parameters():
+            param.requires_grad_(id(param) in trainable)
 
     def _named_mos_layers(self):
         return [(p, m) for p, m in self.get_base_model().named_modules() if isinstance(m, MoSLinear)]
@@ -354,6 +371,35 @@ class MoSModel(FallThroughModule):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """nn.Module's state dict with each tied parameter once, under its first name (GPT-2's
+        lm_head.weight is transformer.wte.weight): safetensors refuses tensors that share memory,
+        and transformers.Trainer writes a model it does not know with safetensors. Loading fills
+        the tied names back in, so load_state_dict(state_dict()) stays strict."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if args:  # torch's deprecated positional (destination, prefix, keep_vars): left as torch makes it
+            return state
+        for alias in self._tied_aliases():
+            state.pop(prefix + alias, None)
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for alias, name in self._tied_aliases().items():  # torch calls this before any child loads
+            if prefix + alias not in state_dict and prefix + name in state_dict:
+                state_dict[prefix + alias] = state_dict[prefix + name]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _tied_aliases(self) -> dict:
+        """{later name: first name} of every parameter reachable under two names."""
+        first, aliases = {}, {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            if id(param) in first:
+                aliases[name] = first[id(param)]
+            else:
+                first[id(param)] = name
+        return aliases
+
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, selected_adapters=None,
                         save_embedding_layers="auto", is_main_process: bool = True, **unsupported) -> None:
@@ -371,18 +417,24 @@ class MoSModel(FallThroughModule):
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory}: is a file, expected a directory")
         for name in names:
-            directory = save_directory if name == "default" else os.path.join(save_directory, name)
-            paths = {t: [p for p, _ in entries] for t, entries in self.adapter_paths(name).items()}
-            # Under FSDP2 every rank gathers whatever is sharded (collectives), rank 0 writes, and
-            # no rank returns before the files exist.
-            pools, pools_sharded = sharding.gather_pools(dict(self.mos_pools[name].items()))
-            saved, saved_sharded = sharding.gather_tensors(
-                saved_modules.saved_tensors(self.get_base_model(), name, self._saved_plans[name]))
-            sharded = pools_sharded or saved_sharded
-            if is_main_process and (not sharded or sharding.is_writer()):
-                files.write_adapter(directory, self.peft_config[name], pools, paths, saved)
-            if sharded:
-                sharding.barrier()
+            self.save_adapter(name, adapter_directory(save_directory, name), is_main_process=is_main_process)
+
+    def save_adapter(self, adapter_name: str, directory: str, is_main_process: bool = True) -> None:
+        """Writes one adapter into `directory`: its pools, index tables, modules_to_save copies and
+        trained biases (what save_pretrained writes for it; every writer of adapter files comes
+        here). Under FSDP2 call it on every rank: whatever is sharded is gathered, rank 0 writes,
+        and no rank returns before the files exist."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        paths = {t: [p for p, _ in entries] for t, entries in self.adapter_paths(adapter_name).items()}
+        pools, pools_sharded = sharding.gather_pools(dict(self.mos_pools[adapter_name].items()))
+        saved, saved_sharded = sharding.gather_tensors(
+            saved_modules.saved_tensors(self.get_base_model(), adapter_name, self._saved_plans[adapter_name]))
+        sharded = pools_sharded or saved_sharded
+        if is_main_process and (not sharded or sharding.is_writer()):
+            files.write_adapter(directory, self.peft_config[adapter_name], pools, paths, saved)
+        if sharded:
+            sharding.barrier()
 
     def push_to_hub(self, repo_id: str, commit_message: str = "Upload MoS adapter", private=None, token=None,
                     revision=None, create_pr: bool = False, selected_adapters=None, safe_serialization: bool = True):

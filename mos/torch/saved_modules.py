@@ -23,6 +23,7 @@ from torch import nn
 from .call_context import current_batch
 from .fall_through import FallThroughModule
 from .files import SAVED_PREFIX
+from .layer import MoSLinear
 
 __all__ = ["ModulesToSaveWrapper", "SavedPlan", "plan_saved", "install_saved", "saved_tensors",
            "load_saved", "copy_saved", "with_task_heads", "remove_saved", "unload_saved",
@@ -134,14 +135,18 @@ def _plain(path):
 def plan_saved(model: nn.Module, config, adapted_paths, existing_biases: bool) -> SavedPlan:
     """Pure: the modules and biases `config` saves in `model`. Raises ValueError for a name in
     modules_to_save that matches nothing, or for a second adapter that trains biases."""
-    modules = []
+    found = []
     for name in config.modules_to_save or []:
-        found = [p for p, m in model.named_modules()
-                 if p and _selects(name, p) and ".modules_to_save." not in p and ".original_module" not in p]
-        if not found:
+        matched = [p for p, m in model.named_modules()
+                   if p and _selects(name, p) and ".modules_to_save." not in p and ".original_module" not in p]
+        if not matched:
             raise ValueError(f"modules_to_save={config.modules_to_save!r}: {name!r} matches no module of "
                              f"{type(model).__name__}")
-        modules += [p for p in found if not any(p.startswith(m + ".") for m in found if m != p)]
+        found += matched
+    # A module inside another one saved whole is saved with it (one copy, the one that runs).
+    modules = [p for p in dict.fromkeys(found) if not any(p.startswith(m + ".") for m in found)]
+    for path in modules:
+        _check_savable(model, path, config.modules_to_save)
     if config.bias != "none" and existing_biases:
         raise ValueError(f"bias={config.bias!r}: another adapter of this model already trains biases, and "
                          f"biases are base parameters every adapter shares; use bias='none' for this one")
@@ -157,6 +162,29 @@ def plan_saved(model: nn.Module, config, adapted_paths, existing_biases: bool) -
     biases = [_plain(p) for p in biases]
     biases = [p for p in biases if not any(p.startswith(m + ".") for m in saved_modules)]
     return SavedPlan(sorted(set(modules)), biases)
+
+
+def _check_savable(model: nn.Module, path: str, names) -> None:
+    """Refuses a module whose copy would be wrong: one holding another adapter's MoS layers (its
+    files would then name wrapper paths no plain model has), or one whose weights are shared by
+    modules of its kind deeper in the model, which the submodules call in its place (T5's `shared`
+    and the encoder's and decoder's `embed_tokens`): that copy would never run, and never train."""
+    module = model.get_submodule(path)
+    adapted = [f"{path}.{p}".rstrip(".") for p, m in module.named_modules() if isinstance(m, MoSLinear)]
+    if adapted:
+        raise ValueError(f"modules_to_save={names!r}: {path!r} holds {adapted[0]!r}, which another adapter of "
+                         f"this model adapts; a module is either adapted or saved whole. Leave it out of "
+                         f"modules_to_save or out of the other adapter's target_modules")
+    # Same kind, same weights, deeper in the tree: the submodules' own handles, which they call.
+    own = {id(p) for p in module.parameters()}
+    depth = path.count(".")
+    callers = [p for p, other in model.named_modules()
+               if type(other) is type(module) and other is not module and p.count(".") > depth
+               and not p.startswith(path + ".") and any(id(w) in own for w in other.parameters(recurse=False))]
+    if callers:
+        raise ValueError(f"modules_to_save={names!r}: {path!r} shares its weights with {callers}, where the "
+                         f"model calls a {type(module).__name__} in its place, so a copy at {path!r} would "
+                         f"never run nor train; name {callers} instead")
 
 
 def _bias(model, plain_path):

@@ -117,6 +117,11 @@ class AdapterStore:
         if adapter_name == BASE_ADAPTER:
             raise ValueError(f"{BASE_ADAPTER!r} is reserved for rows that run the base model alone")
         saved = files.read_adapter(directory)
+        if saved.config.bias != "none":
+            raise ValueError(f"{os.path.join(directory, files.CONFIG_NAME)}: bias={saved.config.bias!r}: the "
+                             f"adapter's trained biases are base parameters, which every adapter and "
+                             f"{BASE_ADAPTER!r} row shares, so loading it would change them all; serve it "
+                             f"alone (MoSModel.from_pretrained)")
         with self._lock.write():
             self._sync_locked()
             for other in self._packing.names:
@@ -149,7 +154,7 @@ class AdapterStore:
             self._repack()
 
     def save(self, adapter_name: str, directory: str) -> None:
-        """Writes one adapter to `directory` (adapter_config.json + adapter_model.safetensors)."""
+        """Writes one adapter to `directory`, as save_pretrained writes it."""
         with self._lock.read():
             self._save(adapter_name, directory)
 
@@ -157,9 +162,7 @@ class AdapterStore:
         if adapter_name not in self.model.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: "
                              f"{sorted(self.model.peft_config)}")
-        paths = {t: [p for p, _ in entries] for t, entries in self.model.adapter_paths(adapter_name).items()}
-        files.write_adapter(directory, self.model.peft_config[adapter_name],
-                            dict(self.model.mos_pools[adapter_name].items()), paths)
+        self.model.save_adapter(adapter_name, directory)  # what save_pretrained writes for it
 
     # ------------------------------------------------------------------ memory
     def resident_bytes(self) -> dict:
@@ -259,6 +262,7 @@ class AdapterStore:
             for module_type, shared in model.mos_pools[name].items():
                 key = (module_type, shared.shard_pool.shards_per_vector)
                 banks.setdefault(key, []).append((name, shared))
+        _check_one_dtype_per_type(banks)  # before any pool moves: a failed repack changes nothing
         types = {key: self._pack_type(key, entries, slots, len(names)) for key, entries in banks.items()}
         layers = {}
         all_layers = _mos_layers(model)
@@ -332,6 +336,19 @@ class AdapterStore:
 
     def __repr__(self):
         return f"AdapterStore(adapters={self._names}, banks={sorted(self._types)})"
+
+
+def _check_one_dtype_per_type(banks) -> None:
+    """Refuses adapters of one module type whose pools differ in dtype, in whichever bank they sit:
+    a layer's input is cast once, to the pool dtype, for all its banks."""
+    first = {}
+    for (module_type, _), entries in sorted(banks.items(), key=lambda item: item[0][1]):
+        for name, shared in entries:
+            other, dtype = first.setdefault(module_type, (name, shared.pool_a.dtype))
+            if shared.pool_a.dtype != dtype or shared.pool_b.dtype != dtype:
+                a, b = sorted([(name, shared.pool_a.dtype), (other, dtype)])
+                raise ValueError(f"adapters {a[0]!r} and {b[0]!r}: {module_type} pools are {a[1]} and {b[1]}; "
+                                 f"adapters served together share one pool dtype")
 
 
 def _mos_layers(model):

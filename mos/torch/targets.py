@@ -100,12 +100,15 @@ def _output_head_paths(model: nn.Module, task_type=None) -> set:
 
 
 def _candidate_modules(model: nn.Module):
-    """(path, module) of every module except those inside an MoSLinear (its base_layer)."""
+    """(path, module) of every module except wrapper internals: the base_layer inside an MoSLinear,
+    and everything inside a modules_to_save wrapper (its original module and each adapter's copy)."""
+    from .saved_modules import ModulesToSaveWrapper  # imports files, which imports this module
+
     wrapped = []
     for path, module in model.named_modules():
         if not path or any(path.startswith(prefix) for prefix in wrapped):
             continue
-        if isinstance(module, MoSLinear):
+        if isinstance(module, (MoSLinear, ModulesToSaveWrapper)):
             wrapped.append(path + ".")
         yield path, module
 

@@ -23,7 +23,7 @@ from ..pool import ShardPool
 from . import files, saved_modules
 from .model import MoSModel
 
-__all__ = ["MoSTrainer"]
+__all__ = ["MoSTrainer", "adapter_directories", "restore_pools"]
 
 _TRAINING_ARGS_NAME = "training_args.bin"  # what transformers.Trainer._save writes next to the model
 
@@ -49,10 +49,12 @@ class MoSTrainer(transformers.Trainer):
         if model is None:
             return super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # Trainer calls this on every rank: under FSDP2 each rank gathers, only the main one writes.
+        for name, directory in adapter_directories(model, output_dir).items():
+            model.save_adapter(name, directory, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir)
         tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
@@ -60,18 +62,31 @@ class MoSTrainer(transformers.Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         mos_model = self._mos_model() if model is None or model is self.model else None
-        if mos_model is None or not os.path.isfile(os.path.join(resume_from_checkpoint, files.CONFIG_NAME)):
+        if mos_model is None or not _holds_adapter(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        for name in mos_model.peft_config:
-            directory = resume_from_checkpoint if name == "default" else os.path.join(resume_from_checkpoint, name)
+        for name, directory in adapter_directories(mos_model, resume_from_checkpoint).items():
             restore_pools(mos_model, directory, name)
 
     def _load_best_model(self) -> None:
         mos_model = self._mos_model()
         best = self.state.best_model_checkpoint
-        if mos_model is None or best is None or not os.path.isfile(os.path.join(best, files.CONFIG_NAME)):
+        if mos_model is None or best is None or not _holds_adapter(best):
             return super()._load_best_model()
         self._load_from_checkpoint(best)
+
+
+def adapter_directories(model: MoSModel, directory: str) -> dict:
+    """{adapter: its directory} in a MoSTrainer checkpoint or save_model() output: the trained
+    (first active) adapter in `directory` itself, whatever its name, so that
+    MoSModel.from_pretrained(base, directory) loads it and resume finds it; any other adapter in
+    directory/<name>, as save_pretrained places them."""
+    names = list(model.peft_config)
+    trained = (model.active_adapters or names)[0]
+    return {name: directory if name == trained else os.path.join(directory, name) for name in names}
+
+
+def _holds_adapter(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, files.CONFIG_NAME))
 
 
 def restore_pools(model: MoSModel, directory: str, adapter_name: str) -> None:
