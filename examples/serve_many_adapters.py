@@ -20,8 +20,11 @@ import mos
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="a few adapters and steps (CI)")
+    parser.add_argument("--adapters", type=int, help="adapters to train (default 8; 3 with --small)")
+    parser.add_argument("--steps", type=int, help="training steps per adapter (default 20; 2 with --small)")
     args = parser.parse_args(argv)
     n_adapters, steps = (3, 2) if args.small else (8, 20)
+    n_adapters, steps = args.adapters or n_adapters, args.steps or steps
 
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -79,6 +82,7 @@ def main(argv=None):
     print(f"{n_adapters} adapters hold {sum(resident.values()) / 1024:.1f} KiB; the same adapters as LoRA "
           f"at r={config.r} would hold {sum(lora.values()) / 1024:.1f} KiB "
           f"({sum(lora.values()) / sum(resident.values()):.1f}x more)")
+    return learned_count
 
 
 if __name__ == "__main__":

@@ -75,10 +75,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'mos' has no attribute {name!r}")
 
 
-def __dir__():
-    return sorted(set(globals()) | set(_TORCH_EXPORTS))
-
-
 def _warn_if_cpu_only_fallback(record):
     # pip shows a build's output only with -v: a build that found nvcc but still made a CPU-only
     # extension says so here, once per process.

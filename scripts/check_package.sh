@@ -4,7 +4,8 @@
 #   2. the sdist installed by pip, with build isolation, into a fresh venv without torch
 #      (CPU-only: MOS_CUDA=0), and the smoke test from outside the source tree;
 #   3. the wheel installed into a fresh venv that sees .venv's torch, transformers and peft
-#      (a .pth file, so nothing multi-GB is copied), and the smoke test with torch.
+#      (a .pth file, so nothing multi-GB is copied), the smoke test with torch, and the core
+#      tests ($PACKAGE_TESTS) taken from the sdist, run against the installed package.
 # No index is used: the build's own requirements come from .whl/package-check/, filled once
 # from requirements-dev.txt's pins. Prints each install's time.
 set -euo pipefail
@@ -54,4 +55,10 @@ t=$(now)
 "$PY" -m pip --python "$work/wheel-env/bin/python" install -q --no-index --no-deps --ignore-installed "$wheel"
 echo "wheel installed in $(took "$t")"
 (cd "$work" && wheel-env/bin/python package_smoke.py --torch)
+mkdir "$work/suite" && tar xzf "$sdist" -C "$work/suite" --strip-components=1 --wildcards '*/tests/*'
+tests=()
+for t in ${PACKAGE_TESTS:-tests/test_ops.py tests/test_bad_input.py}; do if [ -e "$work/suite/$t" ]; then tests+=("$t"); fi; done
+[ ${#tests[@]} -gt 0 ] || { echo "none of PACKAGE_TESTS is in the sdist"; exit 1; }
+(cd "$work/suite" && "$work/wheel-env/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}" \
+    | tail -1 && "$work/wheel-env/bin/python" -c "import mos; assert '$work/wheel-env' in mos.__file__")
 echo "$(basename "$wheel"): $(du -k "$wheel" | cut -f1) KiB"
