@@ -4,6 +4,7 @@ switches, a RUNPATH free of build-machine paths, and the messages a first instal
 manylinux wheel installed into fresh venvs) is scripts/check_package.sh, run by `make test`."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -180,7 +181,16 @@ def test_editable_install_prints_no_setuptools_notice(tmp_path):
         output.append(done.stdout + done.stderr)
         done.check_returncode()
 
-    hooks = BuildBackendHookCaller(str(ROOT), "setuptools.build_meta", runner=runner, python_executable=sys.executable)
-    wheel = hooks.build_editable(str(tmp_path))
+    # An editable build compiles in place: a copy of the tree keeps this checkout's extension as it is.
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    source = tmp_path / "src"
+    for name in files:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    hooks = BuildBackendHookCaller(str(source), "setuptools.build_meta", runner=runner,
+                                   python_executable=sys.executable)
+    wheel = hooks.build_editable(str(tmp_path / "out"))
     assert wheel.startswith("mixture_of_shards-") and wheel.endswith(".whl")
     assert "Editable installation" not in output[0] and "Please be careful with folders" not in output[0]
