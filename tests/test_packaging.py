@@ -4,6 +4,7 @@ switches, a RUNPATH free of build-machine paths, and the messages a first instal
 manylinux wheel installed into fresh venvs) is scripts/check_package.sh, run by `make test`."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -194,3 +195,31 @@ def test_editable_install_prints_no_setuptools_notice(tmp_path):
     wheel = hooks.build_editable(str(tmp_path / "out"))
     assert wheel.startswith("mixture_of_shards-") and wheel.endswith(".whl")
     assert "Editable installation" not in output[0] and "Please be careful with folders" not in output[0]
+
+
+def _requirement_names(specs):
+    return {re.split(r"[<>=!\[ ;]", spec, maxsplit=1)[0].lower() for spec in specs}
+
+
+def test_extras_fit_the_ecosystem_and_match_the_import_hints():
+    import tomllib
+
+    from mos._extras import DISTRIBUTION, EXTRA_OF
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["name"] == DISTRIBUTION
+    assert "setuptools>=77" in project["build-system"]["requires"]  # the SPDX license string
+    extras = project["project"]["optional-dependencies"]
+    assert "torch>=2.4" in extras["torch"] and not any(s.startswith("torch==") for e in extras.values() for s in e)
+
+    def closure(extra):  # an extra's requirements, with the extras it names (mixture-of-shards[torch])
+        names = set()
+        for spec in extras[extra]:
+            match = re.fullmatch(rf"{DISTRIBUTION}\[(\w+)\]", spec)
+            names |= closure(match.group(1)) if match else _requirement_names([spec])
+        return names
+
+    assert {"torch", "safetensors"} <= closure("torch")
+    assert {"torch", "safetensors", "transformers", "peft"} <= closure("hf")
+    for module, extra in EXTRA_OF.items():  # the ImportError names an extra that does install it
+        assert module in closure(extra), (module, extra)
