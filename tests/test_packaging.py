@@ -96,7 +96,7 @@ def test_a_cpu_only_fallback_says_so_at_import():
 def test_build_info_reports_the_build_switches():
     build = mos.build_info()["build"]
     assert set(build) >= {"cuda_mode", "nvcc", "cuda_built", "debug", "sanitize"}
-    assert build["cuda_built"] == bool(mos.build_info()["cuda"])
+    assert isinstance(build["cuda_built"], bool) and build["cuda_mode"] in ("auto", "0", "1")
 
 
 BLOCK = "import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None  # as if not installed\n"
