@@ -1,6 +1,6 @@
 # The two commands: `make demo` (set up, then fine-tune a small model with MoS and PEFT LoRA)
 # and `make test` (set up, then run the whole test suite). Both start from a fresh machine.
-.PHONY: setup demo test sanitize bench
+.PHONY: setup demo test wheels sanitize bench
 
 setup:
 	./scripts/setup.sh
@@ -8,8 +8,15 @@ setup:
 demo: setup
 	.venv/bin/python -m mos demo
 
+# The suite, then the package path: sdist and manylinux wheel built, each installed into a fresh
+# venv and smoke-tested from outside the tree (scripts/check_package.sh).
 test: setup
 	.venv/bin/python -m pytest -q tests
+	./scripts/check_package.sh
+
+# dist/: the sdist and the manylinux wheel (scripts/build_wheels.sh).
+wheels: setup
+	./scripts/build_wheels.sh dist
 
 # The suite under AddressSanitizer + UndefinedBehaviorSanitizer (rebuilds the extension).
 sanitize: setup

@@ -4,13 +4,17 @@ Switches (environment variables):
   MOS_CUDA     auto (default: build CUDA when nvcc is found) | 0 | 1 (fail without nvcc)
   MOS_SANITIZE 1 builds with -fsanitize=address,undefined (run with LD_PRELOAD of libasan)
   MOS_DEBUG    1 builds with -O0 -g
+  MOS_WERROR   1 turns compiler warnings into errors (our CI, through scripts/setup.sh; users'
+               builds never fail on a newer compiler's warning)
   MOS_CUDA_ARCHS  compute capabilities to build, e.g. "90" or "80,90" (default: 80 and 90, plus
                compute_90 PTX for newer GPUs); one architecture builds about three times faster
 """
+import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy
@@ -19,6 +23,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent.resolve()
+
+# `pip install -e .` would print setuptools' boxed notice that a folder named like the package
+# may shadow it; here that folder (mos/) is the package the editable install points at.
+warnings.filterwarnings("ignore", message="Editable installation")
 DEFAULT_CUDA_ARCHS = "80,90"
 
 
@@ -73,7 +81,9 @@ def find_cublas(cuda_home):
 
 
 def c_flags():
-    flags = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
+    flags = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if flag("MOS_WERROR") == "1":
+        flags += ["-Werror"]
     if flag("MOS_DEBUG") == "1":
         flags += ["-O0", "-g", "-DMOS_DEBUG=1"]
     else:
@@ -89,11 +99,65 @@ CUDA_LIBRARY = "_mos_cuda.so"  # the CUDA back end, next to mos._C, opened by it
 CUDA_RUNPATH = ["$ORIGIN/../nvidia/cu13/lib", "$ORIGIN/../nvidia/cublas/lib",
                 "$ORIGIN/../nvidia/cuda_runtime/lib"]
 
+SWITCHES = ("MOS_CUDA", "MOS_SANITIZE", "MOS_DEBUG", "MOS_WERROR", "MOS_CUDA_ARCHS", "CUDA_HOME")
+
+
+def build_switches():
+    """The switches a build was made with; a change of any of them rebuilds everything."""
+    nvcc, _ = cuda_setting()
+    return {**{name: os.environ.get(name, "") for name in SWITCHES}, "nvcc": nvcc or ""}
+
+
+def without_build_machine_rpaths(args):
+    """The linker arguments less the -rpath entries Python's own LDSHARED carries (its build
+    machine's lib directory), so the RUNPATH holds only what the extension names."""
+    kept, skip_next = [], False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+        elif arg in ("-rpath", "-Wl,-rpath"):
+            skip_next = True
+        elif not arg.startswith(("-Wl,-rpath,", "-Wl,-rpath=", "-Wl,-R")):
+            kept.append(arg)
+    return kept
+
 
 class BuildExt(build_ext):
     """Builds the CUDA back end (cuda/*.cu with csrc/errors.c and workspace.c) as its own library,
     mos/_mos_cuda.so, linked against the CUDA runtime and cuBLAS; mos._C links neither and opens
     the library with dlopen when the first CUDA tensor arrives (csrc/cuda_loader.c)."""
+
+    def run(self):
+        # setuptools rebuilds only when a source is newer than the library; a changed switch
+        # (MOS_CUDA=0 -> 1, MOS_DEBUG, ...) must rebuild too, so the last build's switches are kept.
+        switches = build_switches()
+        record = Path(self.build_temp) / "mos_build_switches.json"
+        previous = json.loads(record.read_text()) if record.exists() else None
+        if previous != switches:
+            self.force = True
+        super().run()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(switches, indent=1))
+        self.report_cpu_only(switches)
+
+    def build_extensions(self):
+        self.compiler.linker_so = without_build_machine_rpaths(self.compiler.linker_so)
+        super().build_extensions()
+
+    def report_cpu_only(self, switches):
+        """A CPU-only build where nvcc was there says so; pip shows build output only with -v,
+        so it also goes into mos/_build.json, which `import mos` reads."""
+        built_cuda = any(("MOS_WITH_CUDA", "1") == tuple(m) for ext in self.extensions
+                         for m in ext.define_macros) or any(
+            Path(self.get_ext_fullpath("mos._C")).parent.glob("*cuda*.so"))
+        info = {"cuda_mode": switches["MOS_CUDA"] or "auto", "nvcc": switches["nvcc"],
+                "cuda_built": built_cuda, "debug": switches["MOS_DEBUG"] == "1",
+                "sanitize": switches["MOS_SANITIZE"] == "1"}
+        if switches["nvcc"] and not built_cuda:
+            print(f"mos: nvcc found ({switches['nvcc']}) but the CUDA back end was not built: CPU-only",
+                  file=sys.stderr)
+        path = Path(self.get_ext_fullpath("mos._C")).parent / "_build.json"
+        path.write_text(json.dumps(info, indent=1) + "\n")
 
     def build_extension(self, ext):
         nvcc, cuda_home = cuda_setting()
@@ -115,10 +179,11 @@ class BuildExt(build_ext):
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
         objects, archs = [], cuda_archs()
+        werror = ["-Werror", "all-warnings"] if flag("MOS_WERROR") == "1" else []  # our CI only
         for cu in cu_files:
             obj = out_dir / (cu.stem + ".o")
             cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall,-Wextra",
-                   "-Werror", "all-warnings", f"-I{HERE / 'csrc'}", f"-I{cublas_inc}",
+                   *werror, f"-I{HERE / 'csrc'}", f"-I{cublas_inc}",
                    *archs, "-c", str(cu), "-o", str(obj)]
             print(" ".join(cmd))
             subprocess.check_call(cmd)
@@ -154,12 +219,16 @@ def extension():
     return Extension(
         "mos._C",
         sources=sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.c")),
+        # A changed header or .inc rebuilds, as a changed .c does.
+        depends=sorted(str(p.relative_to(HERE)) for pattern in ("*.h", "*.inc")
+                       for p in (HERE / "csrc").glob(pattern)),
         include_dirs=["csrc", numpy.get_include(), scipy_openblas32.get_include_dir()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
         library_dirs=[lib_dir],
         libraries=[scipy_openblas32.get_library()],
-        # Installed next to scipy_openblas32 in site-packages; mos/__init__ also preloads it.
-        runtime_library_dirs=["$ORIGIN/../scipy_openblas32/lib", lib_dir],
+        # Installed next to scipy_openblas32 in site-packages (no build-machine path: a wheel
+        # runs anywhere); mos/__init__ also preloads it, which an in-place build relies on.
+        runtime_library_dirs=["$ORIGIN/../scipy_openblas32/lib"],
         extra_compile_args=c_flags(),
         extra_link_args=link_args,
     )

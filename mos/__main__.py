@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mos",
         description="mos: MoS (Mixture of Shards) adapters, a parameter-efficient LoRA.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
@@ -35,9 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version_line() -> str:
+    """`mos --version`: the version and how the extension was built, without importing torch."""
+    import mos
+
+    info = mos.build_info()
+    backends = "CPU (" + str(info.get("blas", "BLAS")) + ")" + (" + CUDA" if info.get("cuda") else "")
+    return f"mos {mos.__version__} ({backends}) from {mos.__file__.rsplit('/', 1)[0]}"
+
+
 def main(argv=None) -> int:
+    from mos._extras import missing_extra_error
+
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except ModuleNotFoundError as error:
+        hint = missing_extra_error(error, f"`mos {args.command}`")
+        if hint is None:
+            raise
+        print(f"error: {hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

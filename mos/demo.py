@@ -370,7 +370,8 @@ def run(args) -> int:
 
 def verdict_pointer(steps: int) -> str:
     """Where the measured verdicts are: this table is one seed and one learning rate on a random base."""
-    return (f"This {steps}-step table is a demo, not the method's verdict: see benchmarks/RESULTS.md, section "
+    return (f"This {steps}-step table is a demo, not the method's verdict: see benchmarks/RESULTS.md of "
+            f"the source repository (an installed package holds no benchmarks), section "
             f"'quality' (python benchmarks/quality.py: MoS vs LoRA and peers, lr search, 3 seeds) and section "
             f"'depth_study' (python benchmarks/depth_study.py: does MoS's edge over LoRA grow with depth?).")
 

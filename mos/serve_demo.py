@@ -1,11 +1,13 @@
 """Serves several MoS adapters from one base model in a single mixed batch.
 
-The base model is the built-in one of `python -m mos demo` (a small Llama made from a config, with
-a byte tokenizer). Each adapter is trained for a few steps on one corner of CPython's standard
-library (or loaded with --load from directories written by --save). Then one batch holding a
-held-out window of each adapter's domain, served by that adapter, plus one window for the base
-model alone, is scored in a single call, `model(ids, adapter_names=[...])`, and a batch of prompts
-is continued in a single `model.generate(..., adapter_names=[...])`. Every sample's loss and
+The base model is a small Llama made from a config, over bytes, randomly initialised. Each adapter
+learns, in a few training steps, the opening of one function of its corner of CPython's standard
+library by heart (or is loaded with --load from directories written by --save): a task small
+enough for a few steps on a random base, whose success shows in the output. Then one batch
+holding each adapter's own text, served by that adapter, plus one sample for the base model
+alone, is scored in a single call, `model(ids, adapter_names=[...])`, and a batch of prompts (the
+first bytes of each function) is continued in a single `model.generate(..., adapter_names=[...])`:
+each adapter writes its own function on, the base model writes noise. Every sample's loss and
 continuation is printed next to the one the same adapter gives when it runs alone, and the memory
 the adapters hold is compared with the same adapters as LoRA at the same forward rank. The exit
 status is 0 when every mixed-batch result matches its single-adapter run.
@@ -30,6 +32,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--shards", type=int, default=2, help="MoS shards per vector l (default 2)")
     g.add_argument("--private-rank", type=int, default=1, help="MoS private rank p (default 1)")
     g.add_argument("--steps", type=int, default=50, help="training steps per adapter (default 50)")
+    g.add_argument("--text-bytes", type=int, default=64,
+                   help="bytes of its function each adapter learns (default 64)")
     g.add_argument("--load", metavar="DIR", help="load the adapters from DIR/<name> instead of training")
     g.add_argument("--save", metavar="DIR", help="save the trained adapters to DIR/<name>")
     s = parser.add_argument_group("serving")
@@ -40,6 +44,8 @@ def add_arguments(parser) -> None:
     m.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
     m.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
     m.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence (default 64)")
+    m.add_argument("--init-std", type=float, default=0.2,
+                   help="std of the random base's weights (default 0.2; see build_base_model)")
     m.add_argument("--batch-size", type=int, default=8, help="sequences per training step (default 8)")
     m.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2)")
     m.add_argument("--seed", type=int, default=0, help="seed of the model, adapters and batches")
@@ -73,6 +79,45 @@ def prompt_for(text: str, length: int = 24) -> str:
     return text[:length]
 
 
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; then beginning-of-text, end-of-text and padding."""
+
+    bos_id, eos_id, pad_id = 256, 257, 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> list:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+def build_base_model(args, tokenizer):
+    """A random Llama over bytes, standing in for a pretrained base. Its weights are drawn at std
+    args.init_std (0.2) rather than transformers' 0.02: at 0.02 the layers pass on almost nothing
+    and the head keeps the logits near zero, so no adapter learns anything visible in a few steps."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(1, args.hidden // 32)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max(args.seq_len, 128), bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, tie_word_embeddings=False,
+        initializer_range=args.init_std)
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+def function_text(text: str, length: int) -> str:
+    """`length` characters of the domain's code from its first `def` line with a body (prompt_for)."""
+    start = text.index(prompt_for(text))
+    return text[start:start + length]
+
+
 def train_adapter(model, name, data, args):
     import torch
 
@@ -98,7 +143,6 @@ def run(args) -> int:
     import torch
 
     import mos
-    from mos.demo import ByteTokenizer, build_base_model
     from mos.torch.serving import BASE_ADAPTER
 
     if not 1 <= args.adapters <= len(DOMAINS):
@@ -111,6 +155,7 @@ def run(args) -> int:
         p.requires_grad_(False)
     names = list(DOMAINS[:args.adapters])
     texts = {name: domain_text(name) for name in names}
+    learned = {name: function_text(texts[name], args.text_bytes) for name in names}
     config = mos.MoSConfig(r=args.rank, equivalent_rank=args.equivalent_rank,
                            shards_per_vector=args.shards, private_rank=args.private_rank,
                            lora_alpha=2.0 * args.rank, target_modules="all-linear", seed=args.seed)
@@ -125,9 +170,8 @@ def run(args) -> int:
         for name in names[1:]:
             model.add_adapter(name, config)
         for name in names:
-            data = train_part(texts[name])
-            losses = train_adapter(model, name, data, args)
-            print(f"trained {name!r:12} on {len(data):,} bytes of Lib/{name}: loss "
+            losses = train_adapter(model, name, repeated(learned[name], args.seq_len), args)
+            print(f"trained {name!r:12} on {len(learned[name].encode())} bytes of Lib/{name}: loss "
                   f"{losses[0]:.3f} -> {np.mean(losses[-5:]):.3f} ({args.steps} steps)")
         if args.save:
             for name in names:
@@ -136,11 +180,11 @@ def run(args) -> int:
     model.eval()
     print(f"({time.perf_counter() - start:.1f} s)\n")
 
-    # One mixed batch scored: a held-out window of each domain with that domain's adapter, and
-    # the first domain's window once more with the base model alone.
+    # One mixed batch scored: each adapter's own text with that adapter, and the first one's text
+    # once more with the base model alone.
     serve = names + [BASE_ADAPTER]
-    windows = torch.stack([held_out_window(texts[n], args.seq_len) for n in names] +
-                          [held_out_window(texts[names[0]], args.seq_len)])
+    windows = torch.stack([window_of(learned[n], args.seq_len) for n in names] +
+                          [window_of(learned[names[0]], args.seq_len)])
     with torch.no_grad():
         mixed_nll = per_sample_nll(model(windows, adapter_names=serve).logits, windows)
         alone_nll = []
@@ -153,7 +197,8 @@ def run(args) -> int:
                 alone_nll.append(per_sample_nll(model(windows[i:i + 1]).logits, windows[i:i + 1])[0])
         with model.disable_adapter():
             base_nll = per_sample_nll(model(windows).logits, windows)
-    print(f"Held-out loss (nats/byte) of one mixed batch, {len(serve)} samples of {args.seq_len} bytes:\n")
+    print(f"Loss (nats/byte) on each adapter's own text, one mixed batch of {len(serve)} samples of "
+          f"{args.seq_len} bytes:\n")
     print(f"{'sample':22} {'served by':10} {'mixed batch':>12} {'alone':>10} {'|diff|':>9} {'base model':>11}")
     worst = 0.0
     for i, name in enumerate(serve):
@@ -166,6 +211,7 @@ def run(args) -> int:
 
     # One mixed generation: a prompt per adapter (from its own domain) and one for the base model.
     prompts = [prompt_for(texts[n]) for n in names] + [prompt_for(texts[names[0]])]
+    wanted = [learned[n][len(p):] for n, p in zip(names, prompts)] + [learned[names[0]][len(prompts[0]):]]
     width = max(len(p) for p in prompts)
     batch = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + tokenizer.encode(p) for p in prompts])
     mask = (batch != tokenizer.pad_id).long()
@@ -187,15 +233,19 @@ def run(args) -> int:
             t_alone += time.perf_counter() - t0
             alone.append(out[0])
     print(f"One mixed batch of {len(serve)} prompts, {args.new_tokens} new bytes each, greedy:\n")
-    same = 0
+    same = recalled = 0
     for i, name in enumerate(serve):
         new_mixed = tokenizer.decode(mixed[i, batch.shape[1]:].tolist())
         new_alone = tokenizer.decode(alone[i][batch.shape[1]:].tolist())
         same += new_mixed == new_alone
+        correct = common_prefix(new_mixed, wanted[i])
+        recalled += name != BASE_ADAPTER and correct >= min(len(new_mixed), len(wanted[i]))
         print(f"[{name}] prompt {prompts[i]!r}")
-        print(f"  mixed batch : {new_mixed!r}")
+        domain = names[i] if i < len(names) else names[0]
+        print(f"  mixed batch : {new_mixed!r}  ({correct} bytes as in Lib/{domain})")
         print(f"  alone       : {new_alone!r}  {'(same)' if new_mixed == new_alone else '(DIFFERENT)'}")
-    print(f"\n{same}/{len(serve)} continuations identical to single-adapter runs; the mixed batch took "
+    print(f"\n{same}/{len(serve)} continuations identical to single-adapter runs; {recalled}/{len(names)} "
+          f"adapters wrote their own function on, the base model did not. The mixed batch took "
           f"{t_mixed:.2f} s, the {len(serve)} single runs {t_alone:.2f} s.\n")
 
     store = model.adapter_store
@@ -211,18 +261,23 @@ def run(args) -> int:
     return 0 if same == len(serve) and worst <= 1e-4 else 1
 
 
-def train_part(text: str) -> np.ndarray:
-    """The first 90% of a domain's bytes (the rest is held out)."""
+def repeated(text: str, seq_len: int) -> np.ndarray:
+    """The text's bytes, repeated to hold many training windows of seq_len bytes."""
     data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-    return data[:int(len(data) * 0.9)]
+    return np.tile(data, 8 * seq_len // len(data) + 2)
 
 
-def held_out_window(text: str, length: int):
+def window_of(text: str, length: int):
     import torch
 
-    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-    start = int(len(data) * 0.95)
-    return torch.from_numpy(data[start:start + length].copy())
+    return torch.from_numpy(repeated(text, length)[:length].copy())
+
+
+def common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def per_sample_nll(logits, ids):

@@ -59,25 +59,29 @@ def mos_device(request) -> str:
     return device
 
 
+def _models():
+    """mos.testing.models, or an ImportError naming the extra its torch/transformers come from."""
+    from .._extras import require
+
+    require("torch", "the mos pytest fixtures")
+    require("transformers", "the mos pytest fixtures")
+    from . import models
+    return models
+
+
 @pytest.fixture
 def tiny_llama(mos_device):
-    from .models import tiny_llama
-
-    return tiny_llama(device=mos_device)
+    return _models().tiny_llama(device=mos_device)
 
 
 @pytest.fixture
 def tiny_gpt2(mos_device):
-    from .models import tiny_gpt2
-
-    return tiny_gpt2(device=mos_device)
+    return _models().tiny_gpt2(device=mos_device)
 
 
 @pytest.fixture
 def token_batch(mos_device):
-    from .models import token_batch
-
-    return token_batch(device=mos_device)
+    return _models().token_batch(device=mos_device)
 
 
 @pytest.fixture

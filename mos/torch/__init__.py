@@ -8,7 +8,12 @@
     model.export_lora("out-lora")                      # plain PEFT LoRA, loads with peft
     model = mos.MoSModel.from_pretrained(base_model, "out")
 """
-from .export import export_lora
+from .._extras import require as _require
+
+_require("torch", "mos.torch")
+_require("safetensors", "mos.torch (adapter files)")
+
+from .export import export_lora  # noqa: E402
 from .layer import MoSLinear
 from .model import MoSModel, get_mos_model
 from .ops import adapter_linear

@@ -34,6 +34,18 @@ def get_mos_model(model: nn.Module, config: MoSConfig, adapter_name: str = "defa
     return MoSModel(model, config, adapter_name)
 
 
+def _not_a_config(config) -> str:
+    """The TypeError message for a config that is not a MoSConfig, with the conversion to use."""
+    kind = type(config).__name__
+    if isinstance(config, dict):
+        return "config must be a MoSConfig, got a dict: wrap it, mos.MoSConfig(**config)"
+    if type(config).__module__.split(".")[0] == "peft":
+        return (f"config must be a MoSConfig, got peft's {kind}: MoS has its own config, which takes LoRA's "
+                f"settings by the same names, e.g. mos.MoSConfig(r=8, lora_alpha=16, "
+                f"target_modules=[\"q_proj\", \"v_proj\"]) (help(mos.MoSConfig) lists them)")
+    return f"config must be a MoSConfig, got {kind}"
+
+
 class MoSModel(FallThroughModule):
     """A model whose target nn.Linear layers are MoSLinear, plus the pools they share.
 
@@ -188,7 +200,7 @@ class MoSModel(FallThroughModule):
         misuse.check_adapter_name(adapter_name, self.peft_config)
         config = copy.deepcopy(state.config if state is not None else config)
         if not isinstance(config, MoSConfig):
-            raise TypeError(f"config must be a MoSConfig, got {type(config).__name__}")
+            raise TypeError(_not_a_config(config))
         if config.target_modules is None:
             config.target_modules = default_target_modules(self.get_base_model())
         config = saved_modules.with_task_heads(config, self.get_base_model(), warn=state is None)

@@ -206,9 +206,14 @@ def find_targets(model: nn.Module, config) -> dict:
     if not layouts:
         linear = [p for p, m in candidates if is_adaptable(_unwrapped(m))]
         hint = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in linear})[:12]) or "none"
+        names = {p.rsplit(".", 1)[-1] for p in linear}
+        regex_note = (f"; a string is a regex matched against the whole module path (such as "
+                      f"{next(p for p in linear if p.endswith(target_modules))!r}): for the module name "
+                      f"pass a list, target_modules=[{target_modules!r}]"
+                      if isinstance(target_modules, str) and target_modules in names else "")
         raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
                          f"(its linear module names: {hint}; exclude_modules={config.exclude_modules!r}, "
-                         f"layers_to_transform={config.layers_to_transform!r})")
+                         f"layers_to_transform={config.layers_to_transform!r}){regex_note}")
     for layout in layouts.values():
         # Stable sort: ties (and paths without an index) keep their order of appearance.
         layout.sites.sort(key=lambda s: -1 if s.layer_index is None else s.layer_index)
