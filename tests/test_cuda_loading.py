@@ -37,7 +37,7 @@ HELPERS = """
 import sys
 import numpy as np
 sys.path.insert(0, {tests!r})
-from dlpack_producer import DL_CUDA, Producer
+from mos.testing.dlpack_producer import DL_CUDA, Producer
 import mos
 from mos import _C, functional as F
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_serve_demo_adapters_write_their_own_functions(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mos", "serve-demo", "--adapters", "2", "--layers", "2",
-                          "--hidden", "64", "--steps", "40", "--threads", "1", "--new-tokens", "24"],
+                          "--hidden", "64", "--steps", "80", "--threads", "1", "--new-tokens", "24"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
