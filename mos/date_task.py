@@ -34,7 +34,9 @@ def date_examples(n: int, seed: int, held_out: bool) -> list:
 
 def chat_prompt(tokenizer, question: str) -> str:
     """The question in the model's chat template, ending where the assistant's answer starts."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+    # A one-line system turn instead of the template's default one: half the tokens per step.
+    return tokenizer.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."},
+                                          {"role": "user", "content": question}], tokenize=False,
                                          add_generation_prompt=True)
 
 
@@ -57,7 +59,7 @@ def training_batch(tokenizer, pairs) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def answers(model, tokenizer, questions, max_new_tokens: int = 8, **generate_kwargs) -> list:
+def answers(model, tokenizer, questions, max_new_tokens: int = 12, **generate_kwargs) -> list:
     """Greedy answers to `questions`, batched with left padding."""
     import torch
 

@@ -28,13 +28,16 @@ def make_model(names=("alpha", "beta", "gamma"), device="cpu", dtype=torch.float
 
 
 def single(model, ids, name):
-    """Logits of `ids` with one adapter active (or none for "__base__")."""
-    with torch.no_grad():
+    """Logits of `ids` with one adapter active (or none for "__base__"), through the training op,
+    whose per-row kernels the mixed batch shares (under no_grad a single adapter takes the
+    inference path, which rounds differently; tests/torch/test_decode_path.py holds it to the
+    training op and the float64 reference)."""
+    with torch.enable_grad():
         if name == serving.BASE_ADAPTER:
             with model.disable_adapter():
                 return model(ids).logits
         model.set_adapter(name)
-        return model(ids).logits
+        return model(ids).logits.detach()
 
 
 def assert_close(got, want, what, tol=1e-5):
