@@ -67,7 +67,7 @@ def _build(slot, device, dtype):
     a = pools.pool_a.detach().index_select(0, slot.index_rows()[0].long()).reshape(pools.rank, pools.d_in)
     bt = pools.pool_b.detach().index_select(0, slot.index_rows()[1].long()).reshape(pools.rank, pools.d_out)
     a_t = a.to(device=device, dtype=dtype).t().contiguous()
-    bt = bt.to(device=device, dtype=dtype).contiguous()
+    bt = (bt.to(device=device, dtype=dtype) * slot.scaling).contiguous()  # the scale folded in
     return a_t, bt
 
 
@@ -93,7 +93,7 @@ def add_decode_update(layer, result: torch.Tensor, x: torch.Tensor, name: str) -
     h = torch.mm(x2, a_t)
     if result.dtype == dtype:
         if result.is_contiguous():  # the base layer's fresh output: accumulate into it
-            result.view(-1, result.shape[-1]).addmm_(h, bt, alpha=slot.scaling)
+            result.view(-1, result.shape[-1]).addmm_(h, bt)
             return result
         return torch.addmm(result.reshape(-1, result.shape[-1]), h, bt).reshape(result.shape)
     return result + torch.mm(h, bt).reshape(result.shape).to(result.dtype)

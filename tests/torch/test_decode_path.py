@@ -156,3 +156,26 @@ def test_training_mode_dropout_takes_the_training_op():
     with torch.no_grad():
         model(input_ids=ids)
     assert not any(layer._decode_cache for layer in _layers(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_base_with_float32_pools_gets_the_scaled_update(dtype):
+    # The base output's dtype differs from the pools': the update is computed in float32 and cast.
+    model = mos.get_mos_model(tiny_llama(dtype=dtype), _config(lora_alpha=24.0)).eval()
+    ids = token_batch()
+    torch.testing.assert_close(_decoded(model, ids).float(), _trained_op(model, ids).float(),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_a_non_contiguous_base_output_gets_the_scaled_update():
+    model = _model(lora_alpha=24.0)
+    layer = _layers(model)[0]
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        want = layer(x)
+        from mos.torch.decode import add_decode_update
+        strided = torch.empty(layer.out_features, 3).t()  # same values, column-major
+        strided.copy_(base)
+        got = add_decode_update(layer, strided, x, "default")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
