@@ -249,11 +249,32 @@ def report(args, calls, train, decode, mixed, new_tokens, seconds) -> str:
     lines.append(f"| mixed K=8, b=8, {new_tokens} tokens (ms) | {mixed['base']:.0f} | {mixed['PEFT LoRA']:.0f} | "
                  f"{mixed['MoS']:.0f} | - | >= 3x PEFT | {'yes' if speed >= 3 else 'no'}: {speed:.2f}x "
                  f"(adapter time {ad_speed:.1f}x) |")
+    lines += ["", floor_note(decode[1], new_tokens)]
     lines += ["", "One q_proj call at decode (1 token, 576 -> 576), microseconds:", "",
               "| call | us |", "|---|---:|"]
     lines += [f"| {k.strip() if not k.startswith('  ') else '&nbsp;&nbsp;' + k.strip()} | {v:.1f} |"
               for k, v in calls.items()]
     return "\n".join(lines)
+
+
+# SmolLM2-135M's adapted layers per decoder layer: (d_in, d_out) of q, k, v, o, gate, up, down.
+_SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+_STREAM_GBPS = 10.0  # a conservative single-core read bandwidth from memory
+
+
+def floor_note(d, new_tokens) -> str:
+    """What one decoded token must at least move through the adapters, and how far each is from it."""
+    lora_bytes = 30 * sum(R * (i + o) for i, o in _SHAPES) * 4   # A and B of every layer, float32
+    mos_pool_bytes = lora_bytes * R_E // R                       # the pools: R_e/r of LoRA's bytes
+    floor_ms = new_tokens * lora_bytes / (_STREAM_GBPS * 1e9) * 1e3
+    ad = {k: d[k] - d["base"] for k in ("PEFT LoRA", "MoS", "MoS, training op")}
+    return (f"Floor at b=1: a token reads each adapted layer's A and B once, {lora_bytes / 2**20:.1f} MiB for "
+            f"LoRA r={R} and for MoS's cached A^T / sB^T ({mos_pool_bytes / 2**20:.1f} MiB of pools), plus "
+            f"2 r (d_in + d_out) flops a layer (4.9 MFLOP a token). At {_STREAM_GBPS:.0f} GB/s that is "
+            f"{floor_ms:.0f} ms for {new_tokens} tokens; the adapter times above are "
+            + ", ".join(f"{k} {v / floor_ms:.0f}x" for k, v in ad.items())
+            + " that floor. The rest is per-call overhead (210 calls a token): torch op dispatch, module "
+            f"calls and, in the training op, autograd and DLPack handles, which the layer-call rows split.")
 
 
 if __name__ == "__main__":
