@@ -75,9 +75,8 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mos  # noqa: E402
 import mos.torch  # noqa: E402
-from mos import _C  # noqa: E402
 from mos.torch import serving  # noqa: E402
-from mos.torch.ops import _export  # noqa: E402
+from mos.torch import core_bridge  # noqa: E402
 
 from results_md import cpu_name, write_section  # noqa: E402
 
@@ -174,7 +173,7 @@ class AdapterPath:
         self.scales = torch.tensor([o[4] for o in self.own], dtype=torch.float32, device=device)
         self.max_rank = args.rank
         # What the C core receives for the resident tensors, made once (as the serving layer does).
-        self.handles = tuple(_export(t) for t in (self.pool_a, self.index_a, self.pool_b, self.index_b,
+        self.handles = tuple(core_bridge.handle(t) for t in (self.pool_a, self.index_a, self.pool_b, self.index_b,
                                                   self.scales))
         # PEFT: K LoRA adapters of rank r on one nn.Linear, its base replaced by zeros.
         holder = nn.Sequential()
@@ -192,14 +191,10 @@ class AdapterPath:
         slots = [self.slots[n] for n in names]
         ids, segments, grouped = serving.plan_rows(slots, 1, x.device)
         y = x.new_zeros((x.shape[0], self.args.dim))
-        options = {}
-        if x.device.type == "cuda":
-            nbytes = _C.batched_workspace_bytes(x.shape[0], self.max_rank, x.element_size(), grouped)
-            options = {"workspace": _export(torch.empty(max(nbytes, 256), dtype=torch.uint8, device=x.device)),
-                       "stream": torch.cuda.current_stream().cuda_stream or 1}
         pool_a, index_a, pool_b, index_b, scales = self.handles
-        _C.batched_forward(_export(y), _export(x), pool_a, index_a, pool_b, index_b, scales,
-                           _export(ids), grouped=grouped, segments=_export(segments), **options)
+        core_bridge.batched_forward(y, x, pool_a, index_a, pool_b, index_b, scales, core_bridge.handle(ids),
+                                    grouped=grouped, segments=core_bridge.handle(segments),
+                                    max_rank=self.max_rank)
         return y
 
     def mos_loop(self, x, names):

@@ -5,8 +5,11 @@ unless given; N-D inputs are flattened to rows. Every call validates before it w
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import re
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -47,13 +50,39 @@ def _columns(a, name, what):
 
 
 def _stream(stream):
-    """A CUDA stream handle as DLPack spells it (1: the legacy default stream), or None."""
+    """A CUDA stream handle as DLPack spells it (1: the legacy default stream), or None. NumPy
+    integers become Python ints, the only kind producers' __dlpack__(stream=) take."""
     if stream is not None and (isinstance(stream, bool) or not isinstance(stream, (int, np.integer))):
         raise TypeError(f"stream: expected an int or None, got {type(stream).__name__}")
     if stream is not None and stream < 1:
         raise ValueError(f"stream={stream} is invalid: pass the stream to launch on (a cudaStream_t, "
                          "1 for the legacy default stream) or None")
-    return stream
+    return None if stream is None else int(stream)
+
+
+def _on_launch_stream(function):
+    """Runs an op whose first argument decides the device with its stream= validated and, for a
+    CUDA torch tensor, made torch's current stream for the call (core_bridge.on_stream): what the
+    op allocates or copies then belongs to the stream that uses it."""
+    first_name = next(iter(inspect.signature(function).parameters))
+
+    @functools.wraps(function)
+    def run(*args, stream=None, **kwargs):
+        stream = _stream(stream)
+        first = args[0] if args else kwargs.get(first_name)
+        scope = nullcontext()
+        if stream is not None and _is_torch(first) and _is_cuda(first):
+            scope = _bridge().on_stream(first.device, stream)
+        with scope:
+            return function(*args, stream=stream, **kwargs)
+    return run
+
+
+def _bridge():
+    """mos.torch.core_bridge, imported on the first CUDA torch tensor (NumPy callers never need torch)."""
+    from .torch import core_bridge
+
+    return core_bridge
 
 
 def _rows(x, name):
@@ -79,12 +108,13 @@ def _column_stride(a):
     return 1
 
 
+@_on_launch_stream
 def assemble(pool, index, r: int, *, stream=None):
     """The (r, l * shard_len) matrix whose row j concatenates shards index[j*l : (j+1)*l].
 
     Gives A for an A-pool and B^T for a B-pool (DESIGN section 1, vector sharding). CUDA calls
-    run on `stream` (default: torch's current stream for torch tensors), where the output was
-    allocated."""
+    run on `stream` (default: torch's current stream for torch tensors, else the legacy default
+    stream); for torch tensors the output is allocated on that stream."""
     _tensor(pool, "pool", 2)
     n_index = int(_tensor(index, "index", 1).shape[0])
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
@@ -92,10 +122,11 @@ def assemble(pool, index, r: int, *, stream=None):
     if r < 1 or n_index % r:
         raise ValueError(f"r must be a positive divisor of len(index)={n_index}, got {r!r}")
     rows = _zeros_like_lib(pool, (n_index, int(pool.shape[1])))
-    _named(_C.assemble, {"rows": "pool"}, rows, pool, index, _launch_stream(pool, _stream(stream)))
+    _named(_C.assemble, {"rows": "pool"}, rows, pool, index, _launch_stream(pool, stream))
     return rows.reshape(r, n_index // r * int(pool.shape[1]))
 
 
+@_on_launch_stream
 def scatter_add(pool_grad, rows, index, *, stream=None):
     """pool_grad[index[i]] += rows[i] (indices distinct); the transpose of assemble. CUDA calls
     run on `stream` (default: torch's current stream for torch tensors)."""
@@ -106,10 +137,11 @@ def scatter_add(pool_grad, rows, index, *, stream=None):
         raise ValueError(f"rows: has {int(rows2.shape[1])} columns, pool_grad's shard length is "
                          f"{int(pool_grad.shape[1])}")
     _named(_C.scatter_add, {"pool": "pool_grad"}, pool_grad, rows2, index,
-           _launch_stream(pool_grad, _stream(stream)))
+           _launch_stream(pool_grad, stream))
     return pool_grad
 
 
+@_on_launch_stream
 def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, weight=None,
             bias=None, workspace=None, stream=None):
     """y = scale * (x A^T) B^T, added into `out` when given (shape (..., d_out)).
@@ -117,7 +149,6 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
     With `weight` (d_out, d_in) and optional `bias`, computes the whole layer
     x W^T + bias + scale * (x A^T) B^T (CPU). `h` (N, r) receives x A^T when given."""
     d_in, shard_len_a = _adapter_inputs(x, pool_a, index_a, pool_b, index_b)
-    stream = _stream(stream)
     out = _tensor(out, "out", optional=True)
     _tensor(h, "h", 2, optional=True)
     _tensor(bias, "bias", 1, optional=True)
@@ -142,6 +173,7 @@ def forward(x, pool_a, index_a, pool_b, index_b, scale, out=None, *, h=None, wei
     return y
 
 
+@_on_launch_stream
 def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a=None,
              dpool_b=None, h=None, need_dx=True, workspace=None, stream=None):
     """Returns (dx, dpool_a, dpool_b) of y = scale * (x A^T) B^T for the upstream gradient dy.
@@ -169,7 +201,7 @@ def backward(dy, x, pool_a, index_a, pool_b, index_b, scale, *, dx=None, dpool_a
     if dpool_b is None:
         dpool_b = _zeros_like_lib(pool_b, tuple(pool_b.shape))
     r = int(index_a.shape[0]) * shard_len_a // d_in
-    workspace, stream = _cuda_context(x2, workspace, _stream(stream), int(x2.shape[0]), d_in,
+    workspace, stream = _cuda_context(x2, workspace, stream, int(x2.shape[0]), d_in,
                                       int(dy2.shape[1]), max(r, 1), True, h is not None)
     _named(_C.linear_backward, renames, dx2, dpool_a, dpool_b, dy2, x2, pool_a, index_a, pool_b,
            index_b, scale, h, workspace, stream)
@@ -183,6 +215,7 @@ def workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward=False, with_h=Fal
     return _C.linear_workspace_bytes(n_rows, d_in, d_out, r, itemsize, backward, with_h, cuda)
 
 
+@_on_launch_stream
 def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, out=None, *,
                     ranks=None, strategy="auto", segments=None, workspace=None, stream=None):
     """Many adapters in one call: out[n] += scales[a] * (x[n] A_a^T) B_a^T with a = adapter_ids[n].
@@ -202,7 +235,6 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
                          "or 'auto'")
     d_in, shard_len_a = _pool_sizes(x, pool_a, pool_b, index_a, index_b, 2)
     _tensor(workspace, "workspace", 1, optional=True)
-    _stream(stream)
     x2 = _rows(x, "x")
     lead = tuple(x.shape[:-1])
     n_rows = int(x2.shape[0])
@@ -224,11 +256,9 @@ def batched_forward(x, pool_a, index_a, pool_b, index_b, scales, adapter_ids, ou
     y, y2 = _output_rows(x, lead, d_out, out)
     grouped = strategy == "grouped" or (strategy == "auto" and _auto_grouped(x2, adapter_ids, segments))
     if workspace is None and _is_cuda(x2) and _is_torch(x2):
-        import torch
-
         max_rank = max(int(index_a.shape[1]) * shard_len_a // d_in, 1)
         nbytes = batched_workspace_bytes(n_rows, max_rank, x2.element_size(), grouped)
-        workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x2.device)
+        workspace = _bridge().workspace(nbytes, x2.device)
     stream = _launch_stream(x2, stream)
     _named(_C.batched_forward, _OUT, y2, x2, pool_a, index_a, pool_b, index_b, scales, adapter_ids,
            ranks, grouped, segments if grouped else None, workspace, stream)
@@ -352,10 +382,8 @@ def _cuda_context(x, workspace, stream, n_rows, d_in, d_out, r, backward, with_h
     if not _is_cuda(x):
         return workspace, stream
     if workspace is None and _is_torch(x):
-        import torch
-
         nbytes = workspace_bytes(n_rows, d_in, d_out, r, x.element_size(), backward, with_h, True)
-        workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
+        workspace = _bridge().workspace(nbytes, x.device)
     return workspace, _launch_stream(x, stream)
 
 
@@ -365,13 +393,14 @@ def _is_torch(a):
 
 def _launch_stream(x, stream):
     """The stream a CUDA call runs on: the one given, else torch's current stream for a torch
-    tensor (where torch allocated the outputs), else None (the legacy default stream)."""
-    if stream is not None or not _is_cuda(x) or not _is_torch(x):
+    tensor (where torch allocated the outputs), else the legacy default stream (1). Always named:
+    the binding passes it to every CUDA producer's __dlpack__, which orders its pending writes
+    before the launch."""
+    if stream is not None or not _is_cuda(x):
         return stream
-    import torch
-
-    # torch reports the legacy default stream as 0, which DLPack spells 1.
-    return torch.cuda.current_stream(x.device).cuda_stream or 1
+    if _is_torch(x):
+        return _bridge().launch_stream(x.device)
+    return 1
 
 
 _OUT = {"y": "out"}
@@ -379,7 +408,11 @@ _OUT = {"y": "out"}
 
 def _named(function, renames, *args):
     """Calls a mos._C entry point; an error about one of its arguments is re-raised under the name
-    this module's caller used (`out` for the core's `y`)."""
+    this module's caller used (`out` for the core's `y`). CUDA torch tensors go over as
+    core_bridge exports: Tensor.__dlpack__ refuses a GPU other than the current one."""
+    if any(_is_torch(a) and a.is_cuda for a in args):
+        export = _bridge().Export
+        args = tuple(export(a) if _is_torch(a) and a.is_cuda else a for a in args)
     try:
         return function(*args)
     except (TypeError, ValueError, BufferError) as error:

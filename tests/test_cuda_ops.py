@@ -206,7 +206,7 @@ def test_scatter_add_matches_the_float64_reference(dtype, shard_len, offset):
 
 # ---------------------------------------------------------------- streams and graphs
 
-def test_assemble_and_scatter_add_run_on_torchs_current_stream():
+def test_assemble_and_scatter_add_graph_capture_on_torchs_current_stream():
     """Captured on a side stream, a launch on the legacy default stream would break the capture."""
     import torch
 
@@ -230,7 +230,7 @@ def test_assemble_and_scatter_add_run_on_torchs_current_stream():
     np.testing.assert_array_equal(grad.double().cpu().numpy(), want_grad)
 
 
-def test_forward_and_backward_capture_on_a_fresh_stream():
+def test_forward_and_backward_graph_capture_on_a_fresh_stream():
     """cuBLAS works in the call's workspace slice: a capture on a stream cuBLAS never saw must not
     allocate (one uncaptured call on this thread created the handle)."""
     import torch
@@ -250,3 +250,72 @@ def test_forward_and_backward_capture_on_a_fresh_stream():
     np.testing.assert_allclose(held(y), ref.forward(held(x), *args), rtol=1e-4, atol=1e-4)
     for got, want in zip((dx, dpa, dpb), ref.backward(held(dy), held(x), *args)):
         np.testing.assert_allclose(held(got), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- launch streams and devices
+
+def test_an_explicit_stream_that_is_not_current_owns_the_calls_copies():
+    """stream= names a busy side stream that is not torch's current one. The call's temporaries
+    (here the contiguous copy of a column-strided x) must belong to that stream: were they the
+    current stream's, the allocations below would reuse and overwrite them before the side stream
+    read them."""
+    import torch
+
+    rng, t, pa, ia, pb, ib = small_cuda_problem()
+    x = t(rng.standard_normal((512, 128)))[:, ::2]  # column stride 2: mos.functional copies it
+    want = F.forward(x.contiguous(), pa, ia, pb, ib, 1.0)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # still busy when the call below returns
+    y = F.forward(x, pa, ia, pb, ib, 1.0, stream=side.cuda_stream)
+    clobber = [torch.full((512, 64), float("nan"), device="cuda") for _ in range(16)]
+    side.synchronize()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, want)
+    assert all(torch.isnan(c).all() for c in clobber)
+
+
+def test_tensors_on_a_gpu_that_is_not_the_current_one():
+    """Tensor.__dlpack__ refuses them; mos.functional hands them over through torch's C exporter."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    rng, _, pa, ia, pb, ib = small_cuda_problem()
+    x = torch.from_numpy(rng.standard_normal((32, 64))).float()
+    on = lambda d: [a.to(f"cuda:{d}") for a in (x, pa, ia, pb, ib)]  # noqa: E731
+    with torch.cuda.device(1):
+        want = F.forward(*on(1), 1.0).cpu()
+    with torch.cuda.device(0):
+        got = F.forward(*on(1), 1.0)
+        torch.cuda.synchronize(1)
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want)
+
+
+def test_mixed_batch_refuses_graph_capture_clearly():
+    """model(..., adapter_names=...) copies its row plan from host memory, which a capture forbids:
+    it says so instead of failing inside torch or the driver (docs/serving.md, CUDA graphs)."""
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    config = mos.MoSConfig(r=2, equivalent_rank=2, private_rank=1, target_modules=["proj"])
+    model = mos.get_mos_model(Tiny(), config, adapter_name="a").cuda().eval()
+    x = torch.randn(2, 3, 32, device="cuda")
+    with torch.no_grad():
+        uncaptured = model(x, adapter_names=["a", "__base__"])  # creates the cuBLAS handle too
+    torch.cuda.synchronize()
+    assert uncaptured.shape == (2, 3, 32)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="a CUDA graph capture does not allow"):
+        with torch.no_grad(), torch.cuda.graph(graph):
+            model(x, adapter_names=["a", "__base__"])

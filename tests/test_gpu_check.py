@@ -2,7 +2,9 @@
 the GPU machine's CPython 3.12 without an index, and benchmarks/gpu_check.sh --dry-run finds the
 wheels, the files its steps run and step timeouts that fit in 7 minutes; a wheel for another Python
 makes the dry run fail."""
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,3 +56,42 @@ def test_dry_run_fails_without_wheels(tmp_path):
     done = run(["benchmarks/gpu_check.sh", "--dry-run"], tmp_path)
     assert done.returncode != 0
     assert "no wheels in" in done.stdout
+
+
+def test_dry_run_names_a_sanitizer_filter_for_every_kernel(wheels):
+    kernels = set()
+    for path in (ROOT / "cuda").glob("*.cu"):
+        kernels |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(",
+                                  path.read_text()))
+    assert len(kernels) >= 7
+    done = run(["benchmarks/gpu_check.sh", "--dry-run"], wheels)
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(l for l in done.stdout.splitlines() if l.startswith("sanitizer kernel filters:"))
+    filters = {word.removeprefix("kns=") for word in line.split() if word.startswith("kns=")}
+    assert filters == {f"{len(k)}{k}" for k in kernels}
+
+
+def test_dry_run_fails_when_no_kernel_is_found(wheels, tmp_path):
+    env_run = subprocess.run(["benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300,
+                             env=dict(os.environ, PYTHON=sys.executable, WHEEL_DIR=str(wheels),
+                                      CUDA_SOURCES=str(tmp_path)))
+    assert env_run.returncode != 0
+    assert "no __global__ kernel found" in env_run.stdout
+
+
+def test_every_graph_capture_test_is_left_out_of_the_sanitizer_steps():
+    """memcheck runs with torch's caching allocator off, where allocating inside a capture fails;
+    gpu_check.sh leaves tests named *graph* out of it, so every test that captures must be so named."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert 'SANITIZED_TESTS="cuda and not graph"' in script and '-k "$SANITIZED_TESTS"' in script
+    capturing = []
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                body = ast.get_source_segment(text, node)
+                if "cuda.graph(" in body or "CUDAGraph(" in body:
+                    capturing.append(node.name)
+                    assert "graph" in node.name, f"{path.name}::{node.name} captures a CUDA graph"
+    assert len(capturing) >= 5

@@ -13,7 +13,7 @@ from .layer import MoSLinear
 from .model import MoSModel, get_mos_model
 from .ops import adapter_linear
 from .pools import SharedPools
-from .serving import AdapterStore
+from .store import AdapterStore
 from .state import get_peft_model_state_dict
 
 __all__ = ["AdapterStore", "MoSLinear", "MoSModel", "SharedPools", "adapter_linear", "export_lora",

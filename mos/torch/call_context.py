@@ -17,10 +17,14 @@ _in_flight = 0
 _count_lock = threading.Lock()
 
 
-def current_batch():
-    """The mixed batch the calling thread runs, or None."""
-    if _in_flight:
-        return _batch.get()
+def current_batch(module=None):
+    """The mixed batch (mixed_batch.py) the calling thread runs, or None; with `module`, None also
+    when the batch runs another model than the one `module` belongs to (a draft model, say)."""
+    if not _in_flight:
+        return None
+    batch = _batch.get()
+    if batch is None or module is None or batch.serves(module):
+        return batch
     return None
 
 

@@ -46,7 +46,7 @@ def export_lora(mos_model, save_directory: str, adapter_name: str | None = None)
                 tensors[f"base_model.model.{path}.lora_A.weight"] = a.detach().to("cpu").contiguous()
                 tensors[f"base_model.model.{path}.lora_B.weight"] = b.detach().to("cpu").contiguous()
                 paths.append(path)
-        plan = mos_model._saved_plans[name]
+        plan = mos_model.saved_plan(name)
         saved, saved_sharded = sharding.gather_tensors(saved_tensors(mos_model.get_base_model(), name, plan))
         tensors.update(_peft_saved_keys(saved, set(paths)))
     sharded = pools_sharded or saved_sharded

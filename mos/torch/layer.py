@@ -154,9 +154,11 @@ class MoSLinear(nn.Module):
         #   adapters disabled               -> base layer only (unmerging first if merged)
         #   otherwise                       -> base layer + the update of each active adapter that is
         #                                      neither merged (already in the weight) nor absent here
-        #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (serving.py)
-        batch = current_batch()  # set by mos.torch.serving, per call
-        if batch is not None and batch.serves(self):
+        #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (mixed_batch.py)
+        # A mixed batch: MoSModel.forward/generate(adapter_names=[...]) enters mixed_batch.mixed_batch(),
+        # which puts a MixedBatch for this call in call_context; it runs this layer for every sample.
+        batch = current_batch(self)
+        if batch is not None:
             return batch.forward(self, x, *args, **kwargs)
         if adapter_names is not None:
             raise NotImplementedError("a single MoSLinear does not take adapter_names; pass them to the "

@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 from .layer import MoSLinear
-from .serving import BASE_ADAPTER
+from .names import BASE_ADAPTER
 
 __all__ = ["check_adapter_name", "check_not_wrapped", "check_single_paths", "merge_names",
            "check_merge_targets"]

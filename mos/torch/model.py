@@ -99,15 +99,15 @@ class MoSModel(FallThroughModule):
         label names from the class's forward signature, and computes evaluation losses only then."""
         if labels is not None:
             kwargs["labels"] = labels
-        if adapter_names is not None:  # one adapter per sample, "__base__" for none (serving.py)
-            from .serving import mixed_batch
+        if adapter_names is not None:  # one adapter per sample, "__base__" for none (mixed_batch.py)
+            from .mixed_batch import mixed_batch
             with mixed_batch(self, adapter_names, args, kwargs):
                 return self.get_base_model()(*args, **kwargs)
         return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args, adapter_names=None, **kwargs):
         if adapter_names is not None:
-            from .serving import mixed_batch
+            from .mixed_batch import mixed_batch
             with mixed_batch(self, adapter_names, args, kwargs):
                 return self.get_base_model().generate(*args, **kwargs)
         return self.get_base_model().generate(*args, **kwargs)
@@ -117,7 +117,7 @@ class MoSModel(FallThroughModule):
         """The AdapterStore that packs this model's adapters for mixed batches (made on first use)."""
         store = self.__dict__.get("_adapter_store")
         if store is None:
-            from .serving import AdapterStore
+            from .store import AdapterStore
             store = self.__dict__["_adapter_store"] = AdapterStore(self)
         return store
 
@@ -129,6 +129,11 @@ class MoSModel(FallThroughModule):
     def active_adapters(self) -> list:
         active = self.active_adapter
         return [] if active is None else [active] if isinstance(active, str) else list(active)
+
+    def saved_plan(self, adapter_name: str):
+        """What adapter `adapter_name` trains besides its pools (saved_modules.SavedPlan:
+        modules_to_save, biases)."""
+        return self._saved_plans[adapter_name]
 
     def _saving_adapter(self):
         """The adapter whose modules_to_save copies run: the active one (set_adapter refuses

@@ -9,125 +9,21 @@ Two front doors share one implementation:
     fake kernels for tracing and autograd registered, so a training step compiles without
     graph breaks and the backward op lands in the compiled backward graph.
 
-Tensors reach ``mos._C`` zero-copy as DLPack capsules from torch's C exporter; CUDA work runs on
-the current stream. Device/dtype pairs the core was not built for (CPU
+Tensors reach ``mos._C`` zero-copy through core_bridge (DLPack capsules from torch's C exporter);
+CUDA work runs on the current stream. Device/dtype pairs the core was not built for (CPU
 half precision, MPS, CUDA without a CUDA build) run a pure-torch gather + matmul fallback with
 the same semantics, so a layer works everywhere and is fast where the core runs.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from .. import _C
+from . import core_bridge
+from .core_bridge import core_supports
 
 __all__ = ["adapter_linear", "core_supports"]
-
-_CORE_DTYPES = {
-    "cpu": frozenset({torch.float32, torch.float64}),
-    "cuda": frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16}),
-}
-_CUDA_BUILT = bool(_C.build_info()["cuda"])
-_DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
-
-# Next to torch, torch's thread pool owns the cores. The adapter's GEMMs are thin (rank r) and
-# memory-bound, while a second, busy-waiting BLAS pool fights torch's for the same cores (one
-# d=1024, N=256, r=8 call: 0.5 ms single-threaded, 56 ms with 2 threads on a busy 2-core machine).
-# So the core's BLAS runs single-threaded unless the user chose a count (OPENBLAS_NUM_THREADS, or
-# mos.set_num_threads() after this import).
-if "OPENBLAS_NUM_THREADS" not in os.environ:
-    _C.set_num_threads(1)
-
-
-def core_supports(tensor: torch.Tensor) -> bool:
-    """True when mos._C can run a call whose tensors have this device and dtype."""
-    kind = tensor.device.type
-    if kind == "cuda" and not _CUDA_BUILT:
-        return False
-    return tensor.dtype in _CORE_DTYPES.get(kind, ())
-
-
-# ---------------------------------------------------------------------------- handing tensors to the core
-
-_to_dlpack_versioned = getattr(torch._C, "_to_dlpack_versioned", None)
-_to_dlpack = getattr(torch._C, "_to_dlpack", None)
-
-
-class _CudaExport:
-    """One CUDA tensor offered to mos._C over DLPack.
-
-    torch.Tensor.__dlpack__ is Python code costing ~10 us per tensor (mostly stream bookkeeping);
-    the core launches on the tensor's current stream itself, so no cross-stream sync is owed and
-    the capsule can come straight from torch's C exporter."""
-
-    __slots__ = ("_tensor", "_device")
-
-    def __init__(self, tensor):
-        self._tensor = tensor
-        self._device = (_DLPACK_CUDA, tensor.device.index or 0)
-
-    def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
-        if max_version is None or max_version[0] < 1:
-            return _to_dlpack(self._tensor)
-        return _to_dlpack_versioned(self._tensor)
-
-    def __dlpack_device__(self):
-        return self._device
-
-
-def _export(tensor):
-    """A reusable handle mos._C can read a tensor through, for tensors the caller owns (serving's
-    packed pools and per-batch buffers): a zero-copy NumPy view on CPU, a DLPack handle on CUDA.
-    NumPy views mark the storage non-resizable for good, so tensors that belong to the user
-    (parameters, activations) go through _capsule instead. Detached first: torch refuses to
-    export tensors that require grad."""
-    if tensor is None:
-        return None
-    tensor = tensor.detach()
-    if tensor.device.type == "cpu":
-        return tensor.numpy()
-    if _to_dlpack_versioned is None or _to_dlpack is None or tensor.device.type != "cuda":
-        return tensor  # torch's own __dlpack__
-    return _CudaExport(tensor)
-
-
-def _capsule(tensor):
-    """A one-shot DLPack capsule of a tensor, straight from torch's C exporter (~0.3 us, cheaper
-    than a NumPy view). Unlike Tensor.numpy() it leaves the storage resizable: FSDP2 frees its
-    all-gathered parameters by resizing their storage to zero after the backward, which fails
-    on storage a NumPy view was ever taken of."""
-    if tensor is None:
-        return None
-    tensor = tensor.detach()
-    if type(tensor) is not torch.Tensor:
-        _check_plain(tensor)
-    if _to_dlpack_versioned is None:
-        return _export(tensor)
-    return _to_dlpack_versioned(tensor)
-
-
-def _check_plain(tensor):
-    """Refuses distributed tensors, whose DLPack view would not be the whole tensor."""
-    from .sharding import is_sharded
-
-    if is_sharded(tensor):
-        raise TypeError("mos got a DTensor (a parameter still sharded by FSDP2): the pools must be sharded "
-                        "by the root's fully_shard(model), which gathers them before the layers run, not "
-                        "by a fully_shard of their own")
-
-
-def _launch_options(x, n_rows, d_in, d_out, rank, backward, with_h):
-    """workspace/stream keywords of a core call: CUDA needs both, the CPU path allocates its own."""
-    if x.device.type != "cuda":
-        return {}
-    nbytes = _C.linear_workspace_bytes(n_rows, d_in, d_out, rank, x.element_size(), backward, with_h,
-                                       True)
-    workspace = torch.empty(max(nbytes, 256), dtype=torch.uint8, device=x.device)
-    # torch reports the legacy default stream as 0, which DLPack spells 1.
-    stream = torch.cuda.current_stream(x.device).cuda_stream or 1
-    return {"workspace": _capsule(workspace), "stream": stream}
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -175,7 +71,7 @@ def _check_inputs(x, pool_a, index_a, pool_b, index_b, base):
 def _forward_impl(x, pool_a, index_a, pool_b, index_b, scale: float, base, save_h: bool):
     """(y, h): y = base + scale (x A^T) B^T as a new (N, d_out) tensor; h = x A^T (N, r) when
     save_h, else None."""
-    n_rows, d_in, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
+    n_rows, _, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
     if not core_supports(x):
         return _fallback_forward(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
     x = _as_rows(x)
@@ -184,9 +80,8 @@ def _forward_impl(x, pool_a, index_a, pool_b, index_b, scale: float, base, save_
     else:
         y = base.clone(memory_format=torch.contiguous_format)
     h = x.new_empty((n_rows, rank)) if save_h else None
-    _C.linear_forward(_capsule(y), _capsule(x), _capsule(pool_a.contiguous()), _capsule(index_a),
-                      _capsule(pool_b.contiguous()), _capsule(index_b), scale, h=_capsule(h),
-                      **_launch_options(x, n_rows, d_in, d_out, rank, False, save_h))
+    core_bridge.linear_forward(y, x, pool_a.contiguous(), index_a, pool_b.contiguous(), index_b, scale, h,
+                               rank)
     return y, h
 
 
@@ -194,7 +89,7 @@ def _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, scale: float, h,
                    need_dx: bool, need_dpool_a: bool, need_dpool_b: bool):
     """(dx, dpool_a, dpool_b), each None when not needed. Pool gradients are dense, pool-shaped,
     and hold the scatter-add of this layer's A/B gradients into the rows it gathered."""
-    n_rows, d_in, d_out, rank, _ = _dims(x, pool_a, index_a, pool_b)
+    n_rows, _, _, rank, _ = _dims(x, pool_a, index_a, pool_b)
     if h is not None and h.shape[0] != n_rows:
         h = None  # forward did not keep x A^T: the core recomputes it
     if not core_supports(x):
@@ -205,10 +100,8 @@ def _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, scale: float, h,
     dpool_a = torch.zeros_like(pool_a, memory_format=torch.contiguous_format) if need_dpool_a else None
     dpool_b = torch.zeros_like(pool_b, memory_format=torch.contiguous_format) if need_dpool_b else None
     if dx is not None or dpool_a is not None or dpool_b is not None:
-        _C.linear_backward(_capsule(dx), _capsule(dpool_a), _capsule(dpool_b), _capsule(dy), _capsule(x),
-                           _capsule(pool_a.contiguous()), _capsule(index_a), _capsule(pool_b.contiguous()),
-                           _capsule(index_b), scale, h=_capsule(h),
-                           **_launch_options(x, n_rows, d_in, d_out, rank, True, h is not None))
+        core_bridge.linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a.contiguous(), index_a,
+                                    pool_b.contiguous(), index_b, scale, h, rank)
     return dx, dpool_a, dpool_b
 
 

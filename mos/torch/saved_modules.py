@@ -55,7 +55,7 @@ class ModulesToSaveWrapper(FallThroughModule):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
-        batch = current_batch()  # set by mos.torch.serving, per call
+        batch = current_batch()  # set by mos.torch.mixed_batch, per call
         if batch is not None and batch.serves(self):
             return self._mixed_forward(batch, *args, **kwargs)
         return self.active_module(*args, **kwargs)

@@ -22,7 +22,7 @@ def get_peft_model_state_dict(model: MoSModel, state_dict: dict | None = None, a
                         f"use peft.get_peft_model_state_dict")
     if adapter_name not in model.peft_config:
         raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(model.peft_config)}")
-    plan = model._saved_plans[adapter_name]
+    plan = model.saved_plan(adapter_name)
     if state_dict is None:
         out = {f"{module_type}.{name}": getattr(pools, name)
                for module_type, pools in model.mos_pools[adapter_name].items() for name in TENSOR_FIELDS}

@@ -94,7 +94,7 @@ def restore_pools(model: MoSModel, directory: str, adapter_name: str) -> None:
             if not torch.equal(torch.tensor(table, dtype=torch.int32), getattr(shared, name).cpu()):
                 raise ValueError(f"{os.path.join(directory, files.WEIGHTS_NAME)}: {module_type}.{name} differs "
                                  f"from adapter {adapter_name!r}'s; it is another adapter")
-    plan = model._saved_plans[adapter_name]
+    plan = model.saved_plan(adapter_name)
     saved_values = saved_modules.load_saved(os.path.join(directory, files.WEIGHTS_NAME), state.tensors,
                                             model.get_base_model(), plan)
     with torch.no_grad():
