@@ -10,7 +10,7 @@ layers). Rows, each timed in interleaved rounds (every method once per round), m
 
 "adapter time" is a method's time over the base model's in the same round. MoS is measured twice
 at decode: through the inference path (mos/torch/decode.py, what generate uses) and through the
-training op (`--` the path before it). The layer-call rows split the training op's cost into its
+training op (the path every call took before it). The layer-call rows split the training op's cost into its
 parts, which is where its decode time went.
 
     python benchmarks/bench_real_model.py            # ~10 minutes on 2 idle cores; writes RESULTS.md
@@ -143,8 +143,7 @@ def _never(*args):
 
 def layer_call_rows(torch, mos, lora, mos_model, rounds):
     """One q_proj call with one token, in microseconds: the whole call and its parts."""
-    from mos import _C
-    from mos.torch import ops
+    from mos.torch import core_bridge, ops
     from mos.torch.decode import add_decode_update
 
     peft_layer = lora.base_model.model.model.layers[5].self_attn.q_proj
@@ -156,20 +155,17 @@ def layer_call_rows(torch, mos, lora, mos_model, rounds):
     x2 = x.reshape(1, 576)
     base_out = mos_layer.base_layer(x)
     y = base_out.reshape(1, 576).clone()
-    cap = ops._capsule
     parts = {
         "base layer alone": lambda: mos_layer.base_layer(x),
         "PEFT LoRA layer": lambda: peft_layer(x),
         "MoS layer, inference path": lambda: mos_layer(x),
         "MoS layer, training op": lambda: training_op(mos_layer, x),
-        "  adapter_linear (autograd Function, reshape, checks)": lambda: ops.adapter_linear(
-            x, pool_a, index_a, pool_b, index_b, slot.scaling, base=base_out),
-        "  _forward_impl (clone of the base output, 6 DLPack capsules, core call)": lambda: ops._forward_impl(
-            x2, pool_a, index_a, pool_b, index_b, slot.scaling, base_out.reshape(1, 576), False),
-        "  _C.linear_forward alone (argument checks, index-table copies, kernel)": lambda: _C.linear_forward(
-            cap(y), cap(x2), cap(pool_a), cap(index_a), cap(pool_b), cap(index_b), slot.scaling),
-        "  inference path's adapter part (key check, mm, addmm_)": lambda: add_decode_update(
-            mos_layer, mos_layer.base_layer(x), x, "default"),
+        "  training op: adapter_linear (autograd Function, clone of the base output, core call)": lambda:
+            ops.adapter_linear(x, pool_a, index_a, pool_b, index_b, slot.scaling, base=base_out),
+        "  core call alone, into y in place (6 DLPack capsules, argument checks, index copies, kernel)":
+            lambda: core_bridge.linear_forward(y, x2, pool_a, index_a, pool_b, index_b, slot.scaling, None, 8),
+        "  inference path's adapter part (checks + that core call)": lambda: add_decode_update(
+            mos_layer, y.view(1, 1, 576), x, "default"),
     }
     n = 2000
     times = {k: [] for k in parts}

@@ -1,5 +1,5 @@
-"""The inference path of an adapted layer: each active adapter's A and B assembled once, then two
-GEMMs per call.
+"""The inference path of an adapted layer: a few decode rows go straight to the core, more rows use
+each active adapter's A and B assembled once, then two GEMMs per call.
 
 At decode a call moves a few kilobytes, so its cost is all per-call overhead. The training op
 (ops.adapter_linear) pays for autograd, a copy of the base output, six DLPack handles and the
@@ -7,6 +7,11 @@ core's argument checks on every call (about 79 us per layer call on SmolLM2-135M
 LoRA's 58 us). Without autograd, the same product is `base + x @ A^T @ (s B^T)` over A (r, d_in)
 and s B^T (r, d_out) gathered from the pools: one mm and one in-place addmm, fewer torch ops than
 PEFT's LoRA (two Linear modules, a scale and an add).
+
+Up to 4 rows on CPU (decode), the core's direct kernel is cheaper still: it reads each shard
+straight from the pools and adds into the base output in place (core_bridge.linear_forward, no
+clone, no autograd), so nothing is cached and nothing can be stale. More rows, other devices and
+dtype mixes take the cached assembly below.
 
 When it runs: grad mode is off (generate, torch.no_grad, inference_mode), the adapter's dropout is
 inactive, and the pools are plain tensors (not FSDP2-sharded); not while torch.compile traces.
@@ -37,7 +42,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["decode_applies", "add_decode_update", "entry_elements"]
+from .core_bridge import core_supports, linear_forward
+
+__all__ = ["decode_applies", "add_decode_update", "entry_elements", "DIRECT_ROWS"]
+
+DIRECT_ROWS = 4  # the core's direct (no-assembly) path: MOS_DIRECT_MAX_ROWS in csrc
 
 _PLAIN = (nn.Parameter, torch.Tensor)
 
@@ -76,6 +85,13 @@ def add_decode_update(layer, result: torch.Tensor, x: torch.Tensor, name: str) -
     slot = layer._slots[name]
     pools = slot.pools
     dtype = pools.pool_a.dtype
+    if (x.device.type == "cpu" and x.dtype == dtype and result.dtype == dtype and result.is_contiguous()
+            and x.numel() <= DIRECT_ROWS * x.shape[-1] and core_supports(x)):
+        x2 = x.reshape(-1, x.shape[-1])
+        index_a, index_b = slot.index_rows()
+        linear_forward(result.view(-1, result.shape[-1]), x2 if x2.is_contiguous() else x2.contiguous(),
+                       pools.pool_a, index_a, pools.pool_b, index_b, slot.scaling, None, pools.rank)
+        return result
     cache = layer._decode_cache
     key = _key(slot, x.device, dtype)
     entry = cache.get(name)
