@@ -24,7 +24,8 @@ restored in place) bumps the version counter; .to() and load_adapter make new te
 differs rebuilds the entry. (A write through `.data` bypasses torch's version counter, as it does
 for autograd's own checks; write through the tensor under torch.no_grad() instead.)
 
-Memory: one entry per (layer, active adapter): r * (d_in + d_out) elements of the pools' dtype,
+Memory: nothing for the direct core calls (decode on CPU). Otherwise (prefill, batches over 4
+rows, CUDA) one entry per (layer, active adapter): r * (d_in + d_out) elements of the pools' dtype,
 what a LoRA of the same forward rank stores (SmolLM2-135M, all linear layers, r = 8: 2.44 M
 floats, 9.3 MiB). Entries of adapters that are no longer active are dropped at the layer's next
 call and when set_adapter or delete_adapter changes the layers' active adapters
