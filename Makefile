@@ -1,4 +1,4 @@
-# The two commands: `make demo` (set up, then fine-tune a small model with MoS and PEFT LoRA)
+# The two commands: `make demo` (set up, then fine-tune SmolLM2-135M-Instruct with MoS, against PEFT LoRA)
 # and `make test` (set up, then run the whole test suite). Both start from a fresh machine.
 .PHONY: setup demo test wheels sanitize bench
 

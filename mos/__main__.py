@@ -12,8 +12,10 @@ import sys
 
 # command name -> (module that implements it, one-line help)
 COMMANDS = {
-    "demo": ("mos.demo", "fine-tune a small Llama with MoS and with LoRA on CPython's own sources "
-                         "and compare them"),
+    "demo": ("mos.real_demo", "fine-tune SmolLM2-135M-Instruct, a real pretrained LLM, with MoS on "
+                              "CPU and compare it with PEFT LoRA (the main demo)"),
+    "toy-demo": ("mos.demo", "the toy demo: fine-tune a small random-init Llama with MoS and with LoRA "
+                             "on CPython's own sources and compare them"),
     "serve-demo": ("mos.serve_demo", "serve several adapters of one base model in one mixed batch "
                                      "and compare with single-adapter runs and LoRA's memory"),
 }

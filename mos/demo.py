@@ -1,4 +1,5 @@
-"""Fine-tunes a small Llama-style model with MoS and with PEFT's LoRA and compares them.
+"""The toy demo: fine-tunes a small Llama-style model with MoS and with PEFT's LoRA and compares them.
+(The main demo, `python -m mos demo`, fine-tunes a real pretrained LLM.)
 
 Everything is built in: the model is a transformers LlamaForCausalLM made from a LlamaConfig
 (random weights, output head at std 1/sqrt(hidden); all frozen: only the adapters train), the

@@ -8,6 +8,7 @@ from torch import nn
 
 from .base_layers import dense_weight, features, is_adaptable, is_conv1d, quantization, write_dense_weight
 from .call_context import current_batch
+from .decode import add_decode_update, decode_applies
 from .ops import adapter_linear
 from .pools import SharedPools
 
@@ -54,10 +55,11 @@ class MoSLinear(nn.Module):
         self.base_layer = base_layer
         self.module_type = module_type
         self.lora_dropout = nn.ModuleDict()
-        self.active_adapter = None
+        self._active_adapter = None
         self.disable_adapters = False
         self.merged_adapters = []
         self._slots = {}  # adapter name -> _AdapterSlot; a plain dict so nothing is registered twice
+        self._decode_cache = {}  # adapter name -> (key, A^T, s B^T) of active adapters (decode.py)
 
     # ------------------------------------------------------------------ passthrough
     @property
@@ -72,6 +74,22 @@ class MoSLinear(nn.Module):
     def fan_in_fan_out(self) -> bool:
         """True when the base weight is stored (d_in, d_out), as GPT-2's Conv1D (PEFT's flag)."""
         return is_conv1d(self.base_layer)
+
+    @property
+    def active_adapter(self):
+        return self._active_adapter
+
+    @active_adapter.setter
+    def active_adapter(self, value):
+        self._active_adapter = value
+        self.drop_decode_cache(keep=self.active_adapters)
+
+    def drop_decode_cache(self, keep=()):
+        """Drops the inference path's assembled A/B of every adapter not in `keep`."""
+        cache = getattr(self, "_decode_cache", None)
+        if cache:
+            for name in [n for n in list(cache) if n not in keep]:
+                cache.pop(name, None)
 
     @property
     def active_adapters(self) -> list:
@@ -101,6 +119,7 @@ class MoSLinear(nn.Module):
             raise ValueError(f"{name}: pools are for ({pools.d_in} -> {pools.d_out}), the layer is "
                              f"({self.in_features} -> {self.out_features})")
         self._slots[name] = _AdapterSlot(pools, int(position), float(scaling))
+        self.drop_decode_cache(keep=[n for n in self.active_adapters if n != name])
         dropout_module = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.lora_dropout[name] = dropout_module.train(self.training)  # follow the model's mode
 
@@ -108,6 +127,7 @@ class MoSLinear(nn.Module):
         if name in self.merged_adapters:
             self.unmerge(adapter_names=[name])
         self._slots.pop(name, None)
+        self.drop_decode_cache(keep=[n for n in self.active_adapters if n != name])
         if name in self.lora_dropout:
             del self.lora_dropout[name]
         if name in self.active_adapters:
@@ -155,6 +175,8 @@ class MoSLinear(nn.Module):
         return result
 
     def _add_update(self, result, x, name):
+        if decode_applies(self, name, x):  # no autograd: the cached-assembly path (decode.py)
+            return add_decode_update(self, result, x, name)
         slot = self._slots[name]
         pools = slot.pools
         pool_a, pool_b = pools.pool_a, pools.pool_b

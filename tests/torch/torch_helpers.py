@@ -41,13 +41,16 @@ def make_serving_model(configs, names=None, device="cpu", dtype=torch.float32, *
 
 
 def logits_with(model, ids, name):
-    """Logits of `ids` with adapter `name` alone active ("__base__": with the adapters disabled)."""
-    with torch.no_grad():
+    """Logits of `ids` with adapter `name` alone active ("__base__": with the adapters disabled),
+    through the training op, whose per-row kernels a mixed batch shares. Under no_grad a single
+    adapter takes the inference path, which rounds differently; tests/torch/test_decode_path.py
+    holds that path to the training op and the float64 reference."""
+    with torch.enable_grad():
         if name == "__base__":
             with model.disable_adapter():
-                return model(ids).logits
+                return model(ids).logits.detach()
         model.set_adapter(name)
-        return model(ids).logits
+        return model(ids).logits.detach()
 
 
 def logits_alone(model, ids, names):
