@@ -9,7 +9,7 @@ DISTRIBUTION = "mixture-of-shards"
 # top-level module -> the extra that installs it
 EXTRA_OF = {
     "torch": "torch", "safetensors": "torch", "tqdm": "torch",
-    "transformers": "hf", "peft": "hf", "accelerate": "hf",
+    "transformers": "hf", "peft": "hf", "accelerate": "hf", "gguf": "hf",
     "bitsandbytes": "test", "pytest": "test", "hypothesis": "test", "psutil": "test",
     "matplotlib": "bench",
 }

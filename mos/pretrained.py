@@ -174,8 +174,9 @@ def _dequantized(gguf_dir: str, gguf_name: str):
     try:
         import gguf  # noqa: F401  transformers' GGUF reader
     except ImportError as err:
-        raise ImportError("reading SmolLM2-135M-Instruct's GGUF needs the `gguf` package: "
-                          "pip install gguf==0.19.0") from err
+        from mos._extras import DISTRIBUTION, MissingExtraError
+        raise MissingExtraError("reading SmolLM2-135M-Instruct's GGUF needs the `gguf` package: "
+                                f"pip install '{DISTRIBUTION}[hf]'", name="gguf") from err
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     loaded = LlamaForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     config = loaded.config
