@@ -207,7 +207,16 @@ static int import_dlpack(PyObject *obj, mos_view *v, PyObject *stream) {
     if (announced[0] != MOS_DL_CPU && announced[0] != MOS_DL_CUDA)
         return fail(PyExc_BufferError, v, "only CPU and CUDA tensors are supported");
 
+    /* A CUDA producer is always told the launch stream, so that its pending writes are ordered
+     * before the launch; with stream=None the core launches on the legacy default stream (1). */
+    PyObject *legacy = NULL;
+    if (announced[0] == MOS_DL_CUDA && (stream == NULL || stream == Py_None)) {
+        legacy = PyLong_FromLong(1);
+        if (!legacy) return -1;
+        stream = legacy;
+    }
     PyObject *capsule = request_capsule(obj, announced[0] == MOS_DL_CUDA ? stream : NULL);
+    Py_XDECREF(legacy);
     if (!capsule) return -1;
     if (!PyCapsule_CheckExact(capsule)) {
         Py_DECREF(capsule);

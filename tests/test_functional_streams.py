@@ -58,3 +58,17 @@ def test_without_a_stream_producers_are_told_the_legacy_default_stream(op):
     for producer in call(op, Problem(torch.float32)):
         assert producer.streams == [LEGACY_DEFAULT_STREAM]
 
+
+
+def test_the_binding_without_a_stream_tells_producers_the_legacy_default_stream():
+    """mos._C called directly with stream=None launches on the legacy default stream, and says so
+    to every CUDA producer, as mos.functional does."""
+    from mos import _C
+
+    p = Problem(torch.float32)
+    pool_a, index_a = CudaLabelled(p.pool_a), CudaLabelled(p.index_a)
+    out = CudaLabelled(p.pool_a.new_zeros((p.index_a.shape[0], p.pool_a.shape[1])))
+    with pytest.raises(RuntimeError, match=CUDA_RUNTIME_ERROR):
+        _C.assemble(out, pool_a, index_a)
+    for producer in (out, pool_a, index_a):
+        assert producer.streams == [LEGACY_DEFAULT_STREAM]
