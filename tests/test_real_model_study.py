@@ -150,6 +150,14 @@ def test_real_vs_toy_verdict(toy_edge, expected):
     assert f"toy bases**: {expected}:" in line, line
 
 
+def test_toy_mean_carries_the_scatter_between_bases():
+    toys = [{"name": "a", "edge": 0.1, "edge_se": 0.001}, {"name": "b", "edge": -0.1, "edge_se": 0.001}]
+    mean, se = study.toy_mean(toys)
+    assert mean == pytest.approx(0.0)
+    assert se == pytest.approx(0.2 / 2 ** 0.5 / 2 ** 0.5)  # sd 0.1414 over sqrt(2): the scatter, not the seeds
+    assert study.toy_mean(toys[:1]) == pytest.approx((0.1, 0.001))
+
+
 def test_relative_edge_refuses_a_lora_that_did_not_learn():
     with pytest.raises(ValueError, match="LoRA did not lower the test loss"):
         study.relative_edge(1.0, 2.5, 2.0, 0.01)
