@@ -242,9 +242,10 @@ def train_one(method: Method, base, tokenizer, lr: float, seed: int, train: list
         from mos.budget import module_types_from_model, mos_budget
 
         expected = mos_budget(module_types_from_model(base, TARGETS), MoSConfig(**method.spec["mos"]))
-        if sum(p.numel() for p in params) != expected.trainable_params:
-            raise RuntimeError(f"{method.key}: {sum(p.numel() for p in params)} trainable parameters, "
-                               f"mos.budget says {expected.trainable_params}")
+        got = sum(p.numel() for p in params)
+        if got != expected.trainable_params:
+            raise RuntimeError(f"{method.key}: {got} trainable parameters, mos.budget says "
+                               f"{expected.trainable_params}")
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     gen = torch.Generator().manual_seed(1000 + seed)  # the same batches for every method
     device = next(base.parameters()).device
