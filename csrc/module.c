@@ -155,6 +155,41 @@ static PyObject *linear_forward(PyObject *module, PyObject *const *args, Py_ssiz
     return run_linear(mos_linear_forward, &c, failed, "linear_forward");
 }
 
+/* y += scale * (x A^T) B^T on CPU, x (..., d_in) and y (..., d_out) with their leading
+ * dimensions as rows: the inference path's one call per adapted layer, so it takes the base
+ * layer's output and input as they are (no reshape, no h, no workspace, no stream). */
+static PyObject *add_update(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames) {
+    static const char *const names[] = {"y", "x", "pool_a", "index_a", "pool_b", "index_b", "scale"};
+    static const mos_tensor_arg tensors[] = {
+        {1, V_X, "x", MOS_NDIM_ROWS, 0}, {0, V_Y, "y", MOS_NDIM_ROWS, 0},
+        {2, V_POOL_A, "pool_a", 2, 0}, {3, V_INDEX_A, "index_a", 1, 0},
+        {4, V_POOL_B, "pool_b", 2, 0}, {5, V_INDEX_B, "index_b", 1, 0}};
+    static const int outs[] = {V_Y};
+    static const int all[] = {V_X, V_POOL_A, V_INDEX_A, V_POOL_B, V_INDEX_B, V_Y};
+    PyObject *o[7];
+    linear_call c;
+    memset(&c, 0, sizeof c);
+    double scale;
+    if (mos_parse_args("add_update", args, nargs, kwnames, names, 7, 7, o) < 0 ||
+        mos_parse_double(o[6], "scale", &scale) < 0)
+        return NULL;
+    mos_view *v = c.v;
+    int failed = mos_import_tensors(o, tensors, 6, v, NULL) < 0;
+    if (!failed && v[V_X].device != MOS_DEVICE_CPU) {
+        PyErr_SetString(PyExc_BufferError, "x: add_update runs on CPU tensors only");
+        failed = 1;
+    }
+    failed = failed || mos_require_float(&v[V_Y]) < 0 || check_adapter_inputs(&c, &v[V_Y]) < 0 ||
+             mos_require_matrix(&v[V_Y], &v[V_X], c.p.n_rows, c.p.d_out, 1) < 0 ||
+             mos_require_no_overlap(v, outs, 1, all, 6) < 0 ||
+             mos_require_finite_in(scale, c.p.dtype, "scale") < 0;
+    c.p.scale = scale;
+    c.p.y = v[V_Y].data;
+    c.p.y_stride = v[V_Y].strides[0];
+    return run_linear(mos_linear_forward, &c, failed, "add_update");
+}
+
 /* Weight and bias (CPU): the base layer of y = x W^T + bias + scale * (x A^T) B^T. */
 static int check_base_layer(linear_call *c) {
     mos_view *x = &c->v[V_X], *bias = &c->v[V_BIAS];
@@ -614,6 +649,9 @@ static PyMethodDef methods[] = {
     FASTCALL(linear_forward, "linear_forward(y, x, pool_a, index_a, pool_b, index_b, scale, "
              "h=None, workspace=None, stream=None)\n--\n\n"
              "y += scale * (x A^T) B^T with A, B gathered from the pools."),
+    FASTCALL(add_update, "add_update(y, x, pool_a, index_a, pool_b, index_b, scale)\n--\n\n"
+             "y += scale * (x A^T) B^T on CPU; x (..., d_in) and y (..., d_out) keep their leading "
+             "dimensions, which are rows."),
     FASTCALL(linear_forward_full, "linear_forward_full(y, x, weight, bias, pool_a, index_a, "
              "pool_b, index_b, scale)\n--\n\ny = x W^T + bias + scale * (x A^T) B^T (CPU)."),
     FASTCALL(linear_backward, "linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a, index_a, "

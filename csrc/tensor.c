@@ -38,6 +38,55 @@ static int set_float_dtype(mos_view *v, int code, int bits) {
     return 0;
 }
 
+/* Most dimensions a MOS_NDIM_ROWS tensor may have (torch's own limit is 25, far beyond any use). */
+#define MOS_MAX_RANK 16
+
+/* Sets v's 2-D shape and strides (elements) from an n-D layout whose leading dimensions are
+ * evenly spaced rows (MOS_NDIM_ROWS): the rows' stride is that of the innermost leading
+ * dimension longer than 1, and each outer one must continue it. */
+static int flatten_rows(mos_view *v, int n, const int64_t *shape, const int64_t *strides) {
+    int64_t rows = 1, row_stride = shape[n - 1] * strides[n - 1], next = 0;
+    int spaced = 1, seen = 0;
+    for (int d = n - 2; d >= 0; --d) {
+        rows *= shape[d];
+        if (shape[d] == 1) continue;
+        if (!seen) row_stride = strides[d];
+        else spaced &= strides[d] == next;
+        next = strides[d] * shape[d];
+        seen = 1;
+    }
+    if (!spaced && rows > 0 && shape[n - 1] > 0)
+        return fail(PyExc_BufferError, v, "its leading dimensions are not evenly spaced rows; pass a "
+                    "contiguous copy");
+    v->shape[0] = rows;
+    v->shape[1] = shape[n - 1];
+    v->strides[0] = row_stride;
+    v->strides[1] = strides[n - 1];
+    return 0;
+}
+
+/* The view's shape and strides (elements) from the tensor's n dimensions: as they are, or with the
+ * leading ones flattened into rows (MOS_NDIM_ROWS). */
+static int set_layout(mos_view *v, int n, const int64_t *shape, const int64_t *strides) {
+    if (v->leading_rows) return flatten_rows(v, n, shape, strides);
+    for (int d = 0; d < n; ++d) {
+        v->shape[d] = shape[d];
+        v->strides[d] = strides[d];
+    }
+    return 0;
+}
+
+/* Whether a tensor of `got` dimensions is what the view asks for; a ValueError otherwise. */
+static int check_rank(mos_view *v, int got, const char *what) {
+    if (v->leading_rows ? got >= 2 && got <= MOS_MAX_RANK : got == v->ndim) return 0;
+    if (v->leading_rows)
+        PyErr_Format(PyExc_ValueError, "%s: expected an %s of 2 to %d dimensions (the leading ones are "
+                     "rows), got %d-D", v->name, what, MOS_MAX_RANK, got);
+    else
+        PyErr_Format(PyExc_ValueError, "%s: expected a %d-D %s, got %d-D", v->name, v->ndim, what, got);
+    return -1;
+}
+
 static int import_numpy(PyArrayObject *arr, mos_view *v) {
     int type = PyArray_TYPE(arr);
     int code, bits;
@@ -57,13 +106,16 @@ static int import_numpy(PyArrayObject *arr, mos_view *v) {
     if (set_float_dtype(v, code, bits) < 0) return -1;
     if (!PyArray_ISNOTSWAPPED(arr)) return fail(PyExc_BufferError, v, "byte-swapped arrays are not supported");
     v->data = PyArray_DATA(arr);
-    for (int d = 0; d < v->ndim; ++d) {
+    const int n = PyArray_NDIM(arr);
+    int64_t shape[MOS_MAX_RANK], strides[MOS_MAX_RANK];
+    for (int d = 0; d < n; ++d) {
         npy_intp stride = PyArray_STRIDES(arr)[d];
-        v->shape[d] = PyArray_DIMS(arr)[d];
+        shape[d] = PyArray_DIMS(arr)[d];
         if (stride % (npy_intp)v->itemsize != 0)
             return fail(PyExc_BufferError, v, "strides must be a multiple of the item size");
-        v->strides[d] = stride / (npy_intp)v->itemsize;
+        strides[d] = stride / (npy_intp)v->itemsize;
     }
+    if (set_layout(v, n, shape, strides) < 0) return -1;
     v->device = MOS_DEVICE_CPU;
     v->device_id = 0;
     v->readonly = !PyArray_ISWRITEABLE(arr);
@@ -133,11 +185,7 @@ static int query_device(PyObject *obj, const mos_view *v, int *device_type, int 
  * device __dlpack_device__() announced (`announced`, or NULL for a capsule handed over directly;
  * the capsule is what we read, so its device decides and a disagreement is refused). */
 static int check_dl_tensor(const mos_dl_tensor *t, mos_view *v, const int *announced) {
-    if (t->ndim != v->ndim) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a %d-D tensor, got %d-D", v->name, v->ndim,
-                     (int)t->ndim);
-        return -1;
-    }
+    if (check_rank(v, t->ndim, "tensor") < 0) return -1;
     if (t->device.device_type != MOS_DL_CPU && t->device.device_type != MOS_DL_CUDA)
         return fail(PyExc_BufferError, v, "only CPU and CUDA tensors are supported");
     if (announced && (t->device.device_type != announced[0] || t->device.device_id != announced[1])) {
@@ -148,7 +196,7 @@ static int check_dl_tensor(const mos_dl_tensor *t, mos_view *v, const int *annou
     }
     if (!t->shape) return fail(PyExc_BufferError, v, "the DLPack capsule has no shape");
     int empty = 0;
-    for (int d = 0; d < v->ndim; ++d) {
+    for (int d = 0; d < t->ndim; ++d) {
         if (t->shape[d] < 0) return fail(PyExc_BufferError, v, "the DLPack capsule has a negative dimension");
         empty |= t->shape[d] == 0;
     }
@@ -190,12 +238,12 @@ static int import_capsule(PyObject *capsule, mos_view *v, const int *announced) 
     if (t->dtype.lanes != 1) return fail(PyExc_TypeError, v, "vector dtypes are not supported");
     if (set_float_dtype(v, t->dtype.code, t->dtype.bits) < 0) return -1;
     v->data = t->data ? (char *)t->data + t->byte_offset : NULL;
-    int64_t expected = 1;
-    for (int d = v->ndim - 1; d >= 0; --d) {
-        v->shape[d] = t->shape[d];
-        v->strides[d] = t->strides ? t->strides[d] : expected;
+    int64_t strides[MOS_MAX_RANK], expected = 1;
+    for (int d = t->ndim - 1; d >= 0; --d) {
+        strides[d] = t->strides ? t->strides[d] : expected;
         expected *= t->shape[d];
     }
+    if (set_layout(v, t->ndim, t->shape, strides) < 0) return -1;
     v->device = device_type == MOS_DL_CUDA ? MOS_DEVICE_CUDA : MOS_DEVICE_CPU;
     v->device_id = device_type == MOS_DL_CUDA ? t->device.device_id : 0;
     return 0;
@@ -228,13 +276,10 @@ static int import_dlpack(PyObject *obj, mos_view *v, PyObject *stream) {
 int mos_view_import(PyObject *obj, const char *name, int ndim, mos_view *v, PyObject *stream) {
     memset(v, 0, sizeof *v);
     v->name = name;
-    v->ndim = ndim;
+    v->leading_rows = ndim == MOS_NDIM_ROWS;
+    v->ndim = v->leading_rows ? 2 : ndim;
     if (PyArray_Check(obj)) {
-        if (PyArray_NDIM((PyArrayObject *)obj) != ndim) {
-            PyErr_Format(PyExc_ValueError, "%s: expected a %d-D array, got %d-D", name, ndim,
-                         PyArray_NDIM((PyArrayObject *)obj));
-            return -1;
-        }
+        if (check_rank(v, PyArray_NDIM((PyArrayObject *)obj), "array") < 0) return -1;
         return import_numpy((PyArrayObject *)obj, v);
     }
     if (PyCapsule_CheckExact(obj)) {  /* a producer's capsule handed over directly (no stream sync) */

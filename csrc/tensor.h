@@ -11,6 +11,11 @@
  * (uint8), which only a workspace accepts. */
 typedef enum { MOS_KIND_FLOAT = 0, MOS_KIND_INT32 = 1, MOS_KIND_BYTES = 2 } mos_elem_kind;
 
+/* The ndim to ask mos_view_import for a 2-D (rows, columns) view of a tensor of any rank >= 2 whose
+ * leading dimensions are flattened into rows, as torch's Linear treats its input. They must be
+ * evenly spaced (as after a reshape without a copy); the last dimension is the columns. */
+#define MOS_NDIM_ROWS (-2)
+
 /* A borrowed view of a 1-D or 2-D tensor; valid until mos_view_release. */
 typedef struct {
     const char *name;         /* argument name, for messages */
@@ -21,6 +26,7 @@ typedef struct {
     void *pinned;             /* private copy of a CPU index table (data points at it), or NULL */
     const void *source;       /* the caller's memory when data was pinned (for overlap checks) */
     int ndim;
+    int leading_rows;         /* imported as MOS_NDIM_ROWS: shape[0] counts every leading index */
     int64_t shape[2];
     int64_t strides[2];       /* elements */
     mos_elem_kind kind;
@@ -31,7 +37,7 @@ typedef struct {
     int readonly;
 } mos_view;
 
-/* Fills `view` from `obj` (ndim must be 1 or 2): a NumPy array, a DLPack capsule (consumed) or an
+/* Fills `view` from `obj` (ndim must be 1, 2 or MOS_NDIM_ROWS): a NumPy array, a DLPack capsule (consumed) or an
  * object with __dlpack__. For CUDA tensors, `stream` is passed to __dlpack__ so the producer
  * orders its work before ours; a bare capsule is taken as already ordered. Returns 0, or -1 with
  * an exception. */

@@ -27,7 +27,7 @@ import torch
 
 from .. import _C
 
-__all__ = ["CORE_DTYPES", "CUDA_BUILT", "Export", "batched_forward", "capsule", "core_supports",
+__all__ = ["CORE_DTYPES", "CUDA_BUILT", "Export", "add_update", "batched_forward", "capsule", "core_supports",
            "handle", "launch_stream", "linear_backward", "linear_forward", "linear_options", "on_stream",
            "refuse_capture", "workspace"]
 
@@ -175,6 +175,15 @@ def linear_forward(y, x, pool_a, index_a, pool_b, index_b, scale, h, rank):
     _C.linear_forward(capsule(y), capsule(x), capsule(pool_a), capsule(index_a), capsule(pool_b),
                       capsule(index_b), scale, h=capsule(h),
                       **linear_options(x, x.shape[0], x.shape[1], y.shape[1], rank, False, h is not None))
+
+
+def add_update(y, x, pool_a, index_a, pool_b, index_b, scale):
+    """y += scale (x A^T) B^T in place over the last dimension, the leading ones being rows
+    (mos._C.add_update), for a CPU call without autograd (decode.py). The capsules skip capsule()'s
+    detach and DTensor check: nothing here is differentiated, and the caller passes plain pools."""
+    export = _to_dlpack_versioned or capsule
+    _C.add_update(export(y), export(x), export(pool_a), export(index_a), export(pool_b), export(index_b),
+                  scale)
 
 
 def linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a, index_a, pool_b, index_b, scale, h, rank):

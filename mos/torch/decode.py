@@ -1,38 +1,38 @@
-"""The inference path of an adapted layer: a few decode rows go straight to the core, more rows use
-each active adapter's A and B assembled once, then two GEMMs per call.
+"""The inference path of an adapted layer: the adapter's update without autograd.
 
 At decode a call moves a few kilobytes, so its cost is all per-call overhead. The training op
-(ops.adapter_linear) pays for autograd, a copy of the base output, six DLPack handles and the
-core's argument checks on every call (about 79 us per layer call on SmolLM2-135M against PEFT
-LoRA's 58 us). Without autograd, the same product is `base + x @ A^T @ (s B^T)` over A (r, d_in)
-and s B^T (r, d_out) gathered from the pools: one mm and one in-place addmm, fewer torch ops than
-PEFT's LoRA (two Linear modules, a scale and an add).
+(ops.adapter_linear) pays for autograd, a copy of the base output and the Python around them on
+every call. Without autograd none of that is needed:
 
-Up to 4 rows on CPU (decode), the core's direct kernel is cheaper still: it reads each shard
-straight from the pools and adds into the base output in place (core_bridge.linear_forward, no
-clone, no autograd), so nothing is cached and nothing can be stale. More rows, other devices and
-dtype mixes take the cached assembly below.
+  * CPU, the base output in the pools' dtype (float32/float64): one core call adds
+    s (x A^T) B^T into the base layer's fresh output in place, reading each shard straight from the
+    pools (core_bridge.add_update). Nothing is cached, so nothing can be stale, and no memory is
+    kept. The core picks its own kernel by the row count (direct for decode rows, assembled for a
+    prompt), single-threaded next to torch's pool.
+  * Everything else (CUDA, other devices, a base in another dtype than the pools): each active
+    adapter's A^T (d_in, r) and s B^T (r, d_out) are assembled once and cached on the layer, then a
+    call is one mm and one in-place addmm.
 
 When it runs: grad mode is off (generate, torch.no_grad, inference_mode), the adapter's dropout is
 inactive, and the pools are plain tensors (not FSDP2-sharded); not while torch.compile traces.
 Everything else takes the training op. Outputs equal it up to float rounding.
 
-Staleness: an entry is keyed on the identity, storage address and version counter of both pools
-and both index tables, on the layer position, the scale, and the device and dtype asked for.
-Every in-place write through the tensor (an optimizer step, load_state_dict, copy_, a pool
+Staleness of the cache: an entry is keyed on the identity, storage address and version counter of
+both pools and both index tables, on the layer position, the scale, and the device and dtype asked
+for. Every in-place write through the tensor (an optimizer step, load_state_dict, copy_, a pool
 restored in place) bumps the version counter; .to() and load_adapter make new tensors; a key that
 differs rebuilds the entry. (A write through `.data` bypasses torch's version counter, as it does
 for autograd's own checks; write through the tensor under torch.no_grad() instead.)
 
-Memory: nothing for the direct core calls (decode on CPU). Otherwise (prefill, batches over 4
-rows, CUDA) one entry per (layer, active adapter): r * (d_in + d_out) elements of the pools' dtype,
-what a LoRA of the same forward rank stores (SmolLM2-135M, all linear layers, r = 8: 2.44 M
-floats, 9.3 MiB). Entries of adapters that are no longer active are dropped at the layer's next
-call and when set_adapter or delete_adapter changes the layers' active adapters
-(MoSLinear.drop_decode_cache).
+Memory: nothing on the CPU path. Otherwise one entry per (layer, active adapter):
+r * (d_in + d_out) elements of the pools' dtype, what a LoRA of the same forward rank stores
+(SmolLM2-135M, all linear layers, r = 8: 2.44 M elements). Entries of adapters that are no longer
+active are dropped at the layer's next call and when set_adapter or delete_adapter changes the
+layers' active adapters (MoSLinear.drop_decode_cache).
 
-Threads: an entry is an immutable tuple, stored and read with single dict operations, so
-threads decoding at once see a complete entry or none (two may build the same entry; one wins).
+Threads: the CPU path shares nothing between calls. A cache entry is an immutable tuple, stored and
+read with single dict operations, so threads decoding at once see a complete entry or none (two
+may build the same entry; one wins).
 
 CUDA: the entry lives on the call's device, and a call is two kernels with no host sync and no
 allocation besides h; it is capturable in a CUDA graph once the entry exists (warm up first, as
@@ -43,24 +43,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core_bridge import core_supports, linear_forward
+from .core_bridge import CORE_DTYPES, add_update
 
-__all__ = ["decode_applies", "add_decode_update", "entry_elements", "DIRECT_ROWS"]
-
-DIRECT_ROWS = 4  # the core's direct (no-assembly) path: MOS_DIRECT_MAX_ROWS in csrc
+__all__ = ["inference_update", "cached_update", "entry_elements"]
 
 _PLAIN = (nn.Parameter, torch.Tensor)
+_CPU_DTYPES = CORE_DTYPES["cpu"]
 
 
-def decode_applies(layer, name: str, x: torch.Tensor) -> bool:
-    """True when this call may take the inference path (see the module notes)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    dropout = layer.lora_dropout[name]
-    if dropout.training and not isinstance(dropout, nn.Identity):
-        return False
-    pools = layer._slots[name].pools
-    return type(pools.pool_a) in _PLAIN and type(pools.pool_b) in _PLAIN
+def inference_update(layer, name: str, result: torch.Tensor, x: torch.Tensor):
+    """result with adapter `name`'s update added, without autograd (in place when it can), or None
+    when this call must take the training op. The caller checked that grad mode is off."""
+    if torch.compiler.is_compiling():
+        return None
+    # layer.lora_dropout[name], read from the module dicts: nn.Module.__getattr__ is ~1.5 us a name.
+    dropout = layer._modules["lora_dropout"]._modules[name]
+    if dropout.training and type(dropout) is not nn.Identity:
+        return None
+    slot = layer._slots[name]
+    pool_a, _, pool_b, _ = slot.pools.tensors()
+    if type(pool_a) not in _PLAIN or type(pool_b) not in _PLAIN:
+        return None
+    dtype = pool_a.dtype
+    if (x.is_cpu and pool_a.is_cpu and dtype in _CPU_DTYPES and x.dtype is dtype and result.dtype is dtype
+            and result.is_contiguous()):
+        index_a, index_b = slot.index_rows()
+        add_update(result, x if x.is_contiguous() else x.contiguous(), pool_a, index_a, pool_b, index_b,
+                   slot.scaling)
+        return result
+    return cached_update(layer, slot, name, result, x)
 
 
 def _key(slot, device, dtype):
@@ -81,18 +92,9 @@ def _build(slot, device, dtype):
     return a_t, bt
 
 
-def add_decode_update(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+def cached_update(layer, slot, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """result + s (x A^T) B^T for adapter `name`, from the layer's cached A^T and s B^T."""
-    slot = layer._slots[name]
-    pools = slot.pools
-    dtype = pools.pool_a.dtype
-    if (x.device.type == "cpu" and x.dtype == dtype and result.dtype == dtype and result.is_contiguous()
-            and x.numel() <= DIRECT_ROWS * x.shape[-1] and core_supports(x)):
-        x2 = x.reshape(-1, x.shape[-1])
-        index_a, index_b = slot.index_rows()
-        linear_forward(result.view(-1, result.shape[-1]), x2 if x2.is_contiguous() else x2.contiguous(),
-                       pools.pool_a, index_a, pools.pool_b, index_b, slot.scaling, None, pools.rank)
-        return result
+    dtype = slot.pools.pool_a.dtype
     cache = layer._decode_cache
     key = _key(slot, x.device, dtype)
     entry = cache.get(name)
