@@ -9,7 +9,7 @@ from torch import nn
 from .base_layers import dense_weight, features, is_adaptable, is_conv1d, quantization, write_dense_weight
 from .call_context import current_batch
 from .decode import inference_update
-from .ops import adapter_linear
+from .ops import adapter_linear, linear_with_adapter, linear_with_adapter_applies
 from .pools import SharedPools
 
 __all__ = ["MoSLinear"]
@@ -34,6 +34,15 @@ class _AdapterSlot:
         if not rows or rows[0] is not index_a or rows[1] is not index_b:
             rows = self.rows = (index_a, index_b, index_a[self.position], index_b[self.position])
         return rows[2], rows[3]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (its own or global ones) that a fused op would skip."""
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
 
 
 class MoSLinear(nn.Module):
@@ -152,8 +161,11 @@ class MoSLinear(nn.Module):
     def forward(self, x, *args, adapter_names=None, **kwargs):
         # Decision table:
         #   adapters disabled               -> base layer only (unmerging first if merged)
+        #   training, one active adapter    -> base product and update as one op (ops.linear_with_adapter)
+        #     over a frozen nn.Linear on CPU     when nothing would change by it (_with_base)
         #   otherwise                       -> base layer + the update of each active adapter that is
-        #                                      neither merged (already in the weight) nor absent here
+        #                                      neither merged (already in the weight) nor absent here;
+        #                                      without autograd through decode.py
         #   inside a mixed-adapter batch    -> base layer + each sample's own adapter (mixed_batch.py)
         # A mixed batch: MoSModel.forward/generate(adapter_names=[...]) enters mixed_batch.mixed_batch(),
         # which puts a MixedBatch for this call in call_context; it runs this layer for every sample.
@@ -168,6 +180,10 @@ class MoSLinear(nn.Module):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if torch.is_grad_enabled() and not (args or kwargs):
+            result = self._with_base(x)
+            if result is not None:
+                return result
         # self.base_layer, read from the module dict: nn.Module.__getattr__ costs ~1.5 us, which
         # counts at decode, where the whole adapter's part of a call is ~20 us.
         result = self._modules["base_layer"](x, *args, **kwargs)
@@ -175,6 +191,27 @@ class MoSLinear(nn.Module):
             if name in self._slots and name not in self.merged_adapters:
                 result = self._add_update(result, x, name)
         return result
+
+    def _with_base(self, x):
+        """Training: a frozen nn.Linear base and the one active adapter as one op
+        (ops.linear_with_adapter), or None when this call takes the base layer and the separate op."""
+        active = self.active_adapters
+        if len(active) != 1 or self.merged_adapters:
+            return None
+        name = active[0]
+        slot = self._slots.get(name)
+        base = self._modules["base_layer"]
+        if slot is None or type(base) is not nn.Linear or _has_hooks(base):
+            return None
+        dropout = self._modules["lora_dropout"]._modules[name]
+        if dropout.training and type(dropout) is not nn.Identity:  # the adapter's input is not x
+            return None
+        pool_a, _, pool_b, _ = slot.pools.tensors()
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        if not linear_with_adapter_applies(x, weight, bias, pool_a, pool_b):
+            return None
+        index_a, index_b = slot.index_rows()
+        return linear_with_adapter(x, weight, bias, pool_a, index_a, pool_b, index_b, slot.scaling)
 
     def _add_update(self, result, x, name):
         if not torch.is_grad_enabled():  # no autograd: the inference path (decode.py)

@@ -23,7 +23,10 @@ import torch
 from . import core_bridge
 from .core_bridge import core_supports
 
-__all__ = ["adapter_linear", "core_supports"]
+__all__ = ["adapter_linear", "core_supports", "linear_with_adapter", "linear_with_adapter_applies"]
+
+_CPU_DTYPES = core_bridge.CORE_DTYPES["cpu"]
+_PLAIN = (torch.nn.Parameter, torch.Tensor)
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -173,6 +176,60 @@ class _AdapterLinear(torch.autograd.Function):
                                               need[0], need[1], need[3])
         dbase = dy if need[6] else None
         return dx, dpool_a, None, dpool_b, None, None, dbase, None
+
+
+class _LinearWithAdapter(torch.autograd.Function):
+    """y = x W^T (+ bias) + scale (x A^T) B^T as one op over a frozen base weight.
+
+    Training with a frozen nn.Linear base, computing the base product here saves what the
+    separate ops pay per layer: the copy of the base output the adapter op accumulates into, and in
+    backward the zeroed dx buffer and autograd's sum of the base's and the adapter's dx
+    (dx = dy W is computed first, and the core accumulates g A into it)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pool_a, index_a, pool_b, index_b, scale, save_h):
+        x2 = _as_rows(x.reshape(-1, x.shape[-1]))
+        n_rows, _, d_out, rank, _ = _dims(x2, pool_a, index_a, pool_b)
+        y = torch.nn.functional.linear(x2, weight, bias)  # a fresh (N, d_out) tensor: accumulated into
+        h = x2.new_empty((n_rows, rank)) if save_h else None
+        core_bridge.linear_forward(y, x2, pool_a, index_a, pool_b, index_b, scale, h, rank)
+        ctx.save_for_backward(x2, weight, pool_a, index_a, pool_b, index_b, h)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return y.view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, pool_a, index_a, pool_b, index_b, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = _as_rows(dy.reshape(-1, dy.shape[-1]).to(x2.dtype))
+        dx = torch.mm(dy2, weight) if need[0] else None  # the base's dx; the core adds the adapter's
+        dpool_a = torch.zeros_like(pool_a, memory_format=torch.contiguous_format) if need[3] else None
+        dpool_b = torch.zeros_like(pool_b, memory_format=torch.contiguous_format) if need[5] else None
+        if dx is not None or dpool_a is not None or dpool_b is not None:
+            core_bridge.linear_backward(dx, dpool_a, dpool_b, dy2, x2, pool_a, index_a, pool_b, index_b,
+                                        ctx.scale, h, _dims(x2, pool_a, index_a, pool_b)[3])
+        return (dx.view(ctx.x_shape) if dx is not None else None, None, None, dpool_a, None, dpool_b, None,
+                None, None)
+
+
+def linear_with_adapter(x, weight, bias, pool_a, index_a, pool_b, index_b, scale) -> torch.Tensor:
+    """x W^T (+ bias) + scale (x A^T) B^T over the last dimension of x, differentiable in x and the
+    pools (the weight and bias are frozen: the caller checked they need no gradient). Eager CPU
+    calls whose tensors share the pools' dtype (linear_with_adapter_applies)."""
+    _check_inputs(x.reshape(-1, x.shape[-1]), pool_a, index_a, pool_b, index_b, None)
+    save_h = pool_b.requires_grad
+    return _LinearWithAdapter.apply(x, weight, bias, pool_a, index_a, pool_b, index_b, float(scale), save_h)
+
+
+def linear_with_adapter_applies(x, weight, bias, pool_a, pool_b) -> bool:
+    """Whether linear_with_adapter may run this call: eager, on CPU tensors of one core dtype, with
+    a frozen plain weight and bias, and no autocast."""
+    dtype = x.dtype
+    return (x.is_cpu and dtype in _CPU_DTYPES and weight.dtype is dtype and pool_a.dtype is dtype
+            and pool_b.dtype is dtype and weight.is_cpu and pool_a.is_cpu and not weight.requires_grad
+            and type(weight) in _PLAIN and type(pool_a) in _PLAIN and type(pool_b) in _PLAIN
+            and (bias is None or (not bias.requires_grad and bias.dtype is dtype and type(bias) in _PLAIN))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 # ---------------------------------------------------------------------------- custom ops (compile)
