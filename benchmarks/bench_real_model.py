@@ -113,7 +113,9 @@ def training_rows(torch, models, rounds):
 
 
 def decode_rows(torch, mos, runs, batch, new_tokens, rounds):
-    """runs: {label: (model, generate kwargs, use the inference path)}; medians in ms."""
+    """runs: {label: (model, generate kwargs, use the inference path)}, "base" among them; medians in
+    ms, and for each other label "<label> - base": the median over rounds of its time minus the base's
+    in the same round (paired, so that drift between rounds cancels)."""
     import mos.torch.layer as layer_module
 
     ids = torch.randint(0, 49152, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
@@ -134,7 +136,16 @@ def decode_rows(torch, mos, runs, batch, new_tokens, rounds):
     for _ in range(rounds):
         for label, (model, kwargs, path) in runs.items():
             times[label].append(time_call(lambda: gen(model, kwargs, path)))
-    return {label: median_ms(v) for label, v in times.items()}
+    out = {label: median_ms(v) for label, v in times.items()}
+    for label, v in times.items():
+        if label != "base":
+            out[f"{label} - base"] = median_ms([t - b for t, b in zip(v, times["base"])])
+    return out
+
+
+def adapter_times(d: dict, labels) -> dict:
+    """Each label's adapter time in ms: the paired median when measured, else the medians' difference."""
+    return {k: d.get(f"{k} - base", d[k] - d["base"]) for k in labels}
 
 
 def training_op(layer, x):
@@ -246,18 +257,27 @@ def report(args, calls, train, decode, mixed, new_tokens, seconds) -> str:
                  f"{train['MoS, training op']:.0f} | <= 0.9x PEFT | {'yes' if ratio <= 0.9 else 'no'}: {ratio:.2f}x |")
     for batch, d in decode.items():
         base = d["base"]
-        ad = {k: d[k] - base for k in ("PEFT LoRA", "MoS", "MoS, training op")}
+        ad = adapter_times(d, ("PEFT LoRA", "MoS", "MoS, training op"))
         r = ad["MoS"] / ad["PEFT LoRA"] if ad["PEFT LoRA"] > 0 else float("nan")
         lines.append(f"| decode b={batch}, {new_tokens} tokens (ms) | {base:.0f} | {d['PEFT LoRA']:.0f} | "
                      f"{d['MoS']:.0f} | {d['MoS, training op']:.0f} | | |")
         lines.append(f"| &nbsp;&nbsp;adapter time over the base (ms) | - | {ad['PEFT LoRA']:.0f} | {ad['MoS']:.0f} | "
                      f"{ad['MoS, training op']:.0f} | <= 0.5x PEFT's | {'yes' if r <= 0.5 else 'no'}: {r:.2f}x |")
     speed = mixed["PEFT LoRA"] / mixed["MoS"]
-    ad_speed = (mixed["PEFT LoRA"] - mixed["base"]) / max(mixed["MoS"] - mixed["base"], 1e-9)
+    mixed_ad = adapter_times(mixed, ("PEFT LoRA", "MoS"))
+    ad_speed = mixed_ad["PEFT LoRA"] / max(mixed_ad["MoS"], 1e-9)
     cap = mixed["PEFT LoRA"] / mixed["base"]  # what end to end could reach with a free adapter
     lines.append(f"| mixed K=8, b=8, {new_tokens} tokens (ms) | {mixed['base']:.0f} | {mixed['PEFT LoRA']:.0f} | "
                  f"{mixed['MoS']:.0f} | - | >= 3x PEFT, adapter time | {'yes' if ad_speed >= 3 else 'no'}: "
                  f"{ad_speed:.1f}x (end to end {speed:.2f}x, which the base caps at {cap:.2f}x) |")
+    per_call = {k: calls[f"{k} layer" if k == "PEFT LoRA" else "MoS layer, inference path"] - calls["base layer alone"]
+                for k in ("PEFT LoRA", "MoS")}
+    lines += ["", f"Adapter times are paired: each round's time minus the base model's in the same round, then the "
+              f"median. They are small beside the base model's own time, whose round-to-round noise they carry "
+              f"(a negative one is a method within that noise of the base). The steadier measure is one adapted "
+              f"layer's call at decode (the table at the end): MoS adds {per_call['MoS']:.1f} us to the base "
+              f"layer's call, PEFT LoRA {per_call['PEFT LoRA']:.1f} us, "
+              f"{per_call['MoS'] / per_call['PEFT LoRA']:.2f}x."]
     lines += ["", "MoS, older path: in the training row the base layer and the adapter's op run separately "
               "(the adapter accumulating into a copy of the base output), as before they became one op; in the "
               "decode rows every call takes the training op (autograd Function) instead of the inference path.",
@@ -279,7 +299,7 @@ def floor_note(d, new_tokens) -> str:
     lora_bytes = 30 * sum(R * (i + o) for i, o in _SHAPES) * 4   # A and B of every layer, float32
     mos_pool_bytes = lora_bytes * R_E // R                       # the pools: R_e/r of LoRA's bytes
     floor_ms = new_tokens * lora_bytes / (_STREAM_GBPS * 1e9) * 1e3
-    ad = {k: d[k] - d["base"] for k in ("PEFT LoRA", "MoS", "MoS, training op")}
+    ad = adapter_times(d, ("PEFT LoRA", "MoS", "MoS, training op"))
     return (f"Floor at b=1: a token reads each adapted layer's A and B once, {lora_bytes / 2**20:.1f} MiB for "
             f"LoRA r={R}, and as many for MoS, whose calls gather them from {mos_pool_bytes / 2**20:.1f} MiB of "
             f"pools (so more of it stays in cache), plus "

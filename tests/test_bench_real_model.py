@@ -12,7 +12,8 @@ if BENCH_DIR not in sys.path:
 import bench_real_model as bench  # noqa: E402
 
 ARGS = argparse.Namespace(threads=2, rounds=5)
-CALLS = {"base layer alone": 30.0, "  core call alone": 5.0}
+CALLS = {"base layer alone": 30.0, "PEFT LoRA layer": 90.0, "MoS layer, inference path": 45.0,
+         "  core call alone": 5.0}
 
 
 def _decode(base, peft, mos, older):
@@ -35,6 +36,19 @@ def test_targets_are_judged_on_adapter_time():
     rows = [line for line in table.splitlines() if "adapter time over the base" in line]
     assert rows[0].endswith("| yes: 0.45x |") and rows[1].endswith("| no: 0.55x |")
     assert "| yes: 4.0x (end to end 2.80x, which the base caps at 7.00x) |" in _row(table, "| mixed")
+    assert "MoS adds 15.0 us to the base layer's call, PEFT LoRA 60.0 us, 0.25x." in table
+
+
+def test_adapter_times_are_paired_when_measured():
+    train = {"PEFT LoRA": 1000.0, "MoS": 880.0, "MoS, training op": 990.0}
+    # The medians' difference would give MoS 150 (0.75x); the paired medians give 80 of 200 (0.40x).
+    d = _decode(1000, 1200, 1150, 1400)
+    d.update({"PEFT LoRA - base": 200.0, "MoS - base": 80.0, "MoS, training op - base": 390.0})
+    mixed = {"base": 1000.0, "PEFT LoRA": 7000.0, "MoS": 2500.0, "PEFT LoRA - base": 6000.0, "MoS - base": 1000.0}
+    table = bench.report(ARGS, CALLS, train, {1: d}, mixed, 32, 60.0)
+    row = next(line for line in table.splitlines() if "adapter time over the base" in line)
+    assert row == "| &nbsp;&nbsp;adapter time over the base (ms) | - | 200 | 80 | 390 | <= 0.5x PEFT's | yes: 0.40x |"
+    assert "| yes: 6.0x" in _row(table, "| mixed")
 
 
 def test_a_slower_training_step_misses():
