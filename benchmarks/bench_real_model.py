@@ -167,7 +167,8 @@ def _never(*args):
 
 
 def layer_call_rows(torch, mos, lora, mos_model, rounds):
-    """One q_proj call with one token, in microseconds: the whole call and its parts."""
+    """One q_proj call with one token, in microseconds: the whole call and its parts; then the whole
+    calls with 8 rows (one token each of a batch of 8)."""
     from mos.torch import core_bridge, ops
     from mos.torch.decode import inference_update
 
@@ -191,6 +192,10 @@ def layer_call_rows(torch, mos, lora, mos_model, rounds):
         "  core call alone, into y in place (6 DLPack capsules, argument checks, index copies, kernel)":
             lambda: core_bridge.add_update(y, x, pool_a, index_a, pool_b, index_b, slot.scaling),
     }
+    x8 = torch.randn(8, 1, 576)
+    parts.update({"base layer alone, 8 rows": lambda: mos_layer.base_layer(x8),
+                  "PEFT LoRA layer, 8 rows": lambda: peft_layer(x8),
+                  "MoS layer, inference path, 8 rows": lambda: mos_layer(x8)})
     n = 2000
     times = {k: [] for k in parts}
     with torch.no_grad():
@@ -272,19 +277,24 @@ def report(args, calls, train, decode, mixed, new_tokens, seconds) -> str:
     lines.append(f"| mixed K=8, b=8, {new_tokens} tokens (ms) | {mixed['base']:.0f} | {mixed['PEFT LoRA']:.0f} | "
                  f"{mixed['MoS']:.0f} | - | >= 3x PEFT, adapter time | {'yes' if ad_speed >= 3 else 'no'}: "
                  f"{ad_speed:.1f}x (end to end {speed:.2f}x, which the base caps at {cap:.2f}x) |")
-    per_call = {k: calls[f"{k} layer" if k == "PEFT LoRA" else "MoS layer, inference path"] - calls["base layer alone"]
-                for k in ("PEFT LoRA", "MoS")}
+    def per_call(rows):
+        suffix = "" if rows == 1 else f", {rows} rows"
+        base_call = calls["base layer alone" + suffix]
+        return (calls["MoS layer, inference path" + suffix] - base_call, calls["PEFT LoRA layer" + suffix] - base_call)
+
+    steady = "; ".join(f"{rows} row{'s' if rows > 1 else ''}: MoS adds {m:.1f} us to the base layer's call, "
+                       f"PEFT LoRA {p:.1f} us, {m / p:.2f}x"
+                       for rows in (1, 8) if f"base layer alone{'' if rows == 1 else ', 8 rows'}" in calls
+                       for m, p in [per_call(rows)])
     lines += ["", f"Adapter times are paired: each round's time minus the base model's in the same round, then the "
               f"median. They are small beside the base model's own time, whose round-to-round noise they carry "
               f"(a negative one is a method within that noise of the base). The steadier measure is one adapted "
-              f"layer's call at decode (the table at the end): MoS adds {per_call['MoS']:.1f} us to the base "
-              f"layer's call, PEFT LoRA {per_call['PEFT LoRA']:.1f} us, "
-              f"{per_call['MoS'] / per_call['PEFT LoRA']:.2f}x."]
+              f"layer's call at decode (the table at the end): {steady}."]
     lines += ["", "MoS, older path: in the training row the base layer and the adapter's op run separately "
               "(the adapter accumulating into a copy of the base output), as before they became one op; in the "
               "decode rows every call takes the training op (autograd Function) instead of the inference path.",
               "", floor_note(decode[1], new_tokens)]
-    lines += ["", "One q_proj call at decode (1 token, 576 -> 576), microseconds:", "",
+    lines += ["", "One q_proj call at decode (576 -> 576; 1 token, then 8 rows where named), microseconds:", "",
               "| call | us |", "|---|---:|"]
     lines += [f"| {k.strip() if not k.startswith('  ') else '&nbsp;&nbsp;' + k.strip()} | {v:.1f} |"
               for k, v in calls.items()]

@@ -13,7 +13,8 @@ import bench_real_model as bench  # noqa: E402
 
 ARGS = argparse.Namespace(threads=2, rounds=5)
 CALLS = {"base layer alone": 30.0, "PEFT LoRA layer": 90.0, "MoS layer, inference path": 45.0,
-         "  core call alone": 5.0}
+         "  core call alone": 5.0, "base layer alone, 8 rows": 90.0, "PEFT LoRA layer, 8 rows": 170.0,
+         "MoS layer, inference path, 8 rows": 110.0}
 
 
 def _decode(base, peft, mos, older):
@@ -36,7 +37,8 @@ def test_targets_are_judged_on_adapter_time():
     rows = [line for line in table.splitlines() if "adapter time over the base" in line]
     assert rows[0].endswith("| yes: 0.45x |") and rows[1].endswith("| no: 0.55x |")
     assert "| yes: 4.0x (end to end 2.80x, which the base caps at 7.00x) |" in _row(table, "| mixed")
-    assert "MoS adds 15.0 us to the base layer's call, PEFT LoRA 60.0 us, 0.25x." in table
+    assert ("1 row: MoS adds 15.0 us to the base layer's call, PEFT LoRA 60.0 us, 0.25x; "
+            "8 rows: MoS adds 20.0 us to the base layer's call, PEFT LoRA 80.0 us, 0.25x.") in table
 
 
 def test_adapter_times_are_paired_when_measured():
