@@ -177,11 +177,15 @@ def linear_forward(y, x, pool_a, index_a, pool_b, index_b, scale, h, rank):
                       **linear_options(x, x.shape[0], x.shape[1], y.shape[1], rank, False, h is not None))
 
 
+# add_update's exporter: torch's C exporter straight, capsule() where this torch has none.
+_plain_export = _to_dlpack_versioned or capsule
+
+
 def add_update(y, x, pool_a, index_a, pool_b, index_b, scale):
     """y += scale (x A^T) B^T in place over the last dimension, the leading ones being rows
     (mos._C.add_update), for a CPU call without autograd (decode.py). The capsules skip capsule()'s
     detach and DTensor check: nothing here is differentiated, and the caller passes plain pools."""
-    export = _to_dlpack_versioned or capsule
+    export = _plain_export
     _C.add_update(export(y), export(x), export(pool_a), export(index_a), export(pool_b), export(index_b),
                   scale)
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from .core_bridge import CORE_DTYPES, add_update
 
-__all__ = ["inference_update", "cached_update", "entry_elements"]
+__all__ = ["inference_update", "entry_elements"]
 
 _PLAIN = (nn.Parameter, torch.Tensor)
 _CPU_DTYPES = CORE_DTYPES["cpu"]
@@ -56,9 +56,7 @@ def inference_update(layer, name: str, result: torch.Tensor, x: torch.Tensor):
     when this call must take the training op. The caller checked that grad mode is off."""
     if torch.compiler.is_compiling():
         return None
-    # layer.lora_dropout[name], read from the module dicts: nn.Module.__getattr__ is ~1.5 us a name.
-    dropout = layer._modules["lora_dropout"]._modules[name]
-    if dropout.training and type(dropout) is not nn.Identity:
+    if layer.dropout_active(name):
         return None
     slot = layer._slots[name]
     pool_a, _, pool_b, _ = slot.pools.tensors()
@@ -71,7 +69,7 @@ def inference_update(layer, name: str, result: torch.Tensor, x: torch.Tensor):
         add_update(result, x if x.is_contiguous() else x.contiguous(), pool_a, index_a, pool_b, index_b,
                    slot.scaling)
         return result
-    return cached_update(layer, slot, name, result, x)
+    return _cached_update(layer, slot, name, result, x)
 
 
 def _key(slot, device, dtype):
@@ -92,7 +90,7 @@ def _build(slot, device, dtype):
     return a_t, bt
 
 
-def cached_update(layer, slot, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _cached_update(layer, slot, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """result + s (x A^T) B^T for adapter `name`, from the layer's cached A^T and s B^T."""
     dtype = slot.pools.pool_a.dtype
     cache = layer._decode_cache

@@ -203,8 +203,7 @@ class MoSLinear(nn.Module):
         base = self._modules["base_layer"]
         if slot is None or type(base) is not nn.Linear or _has_hooks(base):
             return None
-        dropout = self._modules["lora_dropout"]._modules[name]
-        if dropout.training and type(dropout) is not nn.Identity:  # the adapter's input is not x
+        if self.dropout_active(name):  # the adapter's input is not x
             return None
         pool_a, _, pool_b, _ = slot.pools.tensors()
         weight, bias = base._parameters["weight"], base._parameters["bias"]
@@ -212,6 +211,12 @@ class MoSLinear(nn.Module):
             return None
         index_a, index_b = slot.index_rows()
         return linear_with_adapter(x, weight, bias, pool_a, index_a, pool_b, index_b, slot.scaling)
+
+    def dropout_active(self, name: str) -> bool:
+        """Whether adapter `name`'s dropout changes its input on this call. Read from the module
+        dicts (self.lora_dropout[name]): nn.Module.__getattr__ costs ~1.5 us a name on the hot path."""
+        dropout = self._modules["lora_dropout"]._modules[name]
+        return dropout.training and type(dropout) is not nn.Identity
 
     def _add_update(self, result, x, name):
         if not torch.is_grad_enabled():  # no autograd: the inference path (decode.py)

@@ -194,7 +194,7 @@ class _LinearWithAdapter(torch.autograd.Function):
         h = x2.new_empty((n_rows, rank)) if save_h else None
         core_bridge.linear_forward(y, x2, pool_a, index_a, pool_b, index_b, scale, h, rank)
         ctx.save_for_backward(x2, weight, pool_a, index_a, pool_b, index_b, h)
-        ctx.scale, ctx.x_shape = scale, x.shape
+        ctx.scale, ctx.rank, ctx.x_shape = scale, rank, x.shape
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
@@ -207,7 +207,7 @@ class _LinearWithAdapter(torch.autograd.Function):
         dpool_b = torch.zeros_like(pool_b, memory_format=torch.contiguous_format) if need[5] else None
         if dx is not None or dpool_a is not None or dpool_b is not None:
             core_bridge.linear_backward(dx, dpool_a, dpool_b, dy2, x2, pool_a, index_a, pool_b, index_b,
-                                        ctx.scale, h, _dims(x2, pool_a, index_a, pool_b)[3])
+                                        ctx.scale, h, ctx.rank)
         return (dx.view(ctx.x_shape) if dx is not None else None, None, None, dpool_a, None, dpool_b, None,
                 None, None)
 
