@@ -1,15 +1,18 @@
-"""What a training step's backward writes for the pool gradients, and what one buffer per pool would save.
+"""What a training step's backward writes for the pool gradients, per layer and with one buffer per pool.
 
-Today every layer's backward returns a dense pool-sized gradient (zero-filled, then the layer's
-r*l shard rows scatter-added into it) and autograd sums the L layers' gradients. The alternative
-accumulates every layer's scatter into one buffer per pool per step. Two measurements:
+Per layer: every layer's backward returns a dense pool-sized gradient (zero-filled, then the layer's
+r*l shard rows scatter-added into it) and autograd sums the L layers' gradients; a layer called
+outside a MoSModel call still does this. One buffer: inside a MoSModel call every layer's scatter
+goes into one buffer per pool per step (mos/torch/pool_grads.py). Two measurements:
 
 1. LLaMA2-7B shapes (32 layers, hidden 4096, intermediate 11008; q, k, v, o, gate, up, down) with
    the paper's configs. Real pool-sized float32 tensors and real index tables, one type at a time.
    Both schemes use the same primitives on this machine's CPU (torch.zeros_like, the core's
    scatter_add, Tensor.add_). Reported: bytes written per step, peak transient bytes, and time.
-2. A small Llama trained for real (transformers, mos.get_mos_model). torch.profiler attributes the
-   zero-fills and additions on pool-shaped tensors during backward; reported as a share of backward.
+2. A small Llama trained for real (transformers, mos.get_mos_model), both ways: through the
+   MoSModel (one buffer) and through its base model called directly (per layer). torch.profiler
+   attributes the zero-fills and additions on pool-shaped tensors during backward; reported as a
+   share of backward.
 
     python benchmarks/bench_pool_grads.py              # prints, updates RESULTS.md
     python benchmarks/bench_pool_grads.py --no-write   # prints only
@@ -62,7 +65,7 @@ def side_problems(config: dict):
 
 
 def dense_per_layer(shape, rows, tables):
-    """Today: each layer a zero-filled pool-sized gradient plus its scatter; autograd sums them."""
+    """Per layer: each layer a zero-filled pool-sized gradient plus its scatter; autograd sums them."""
     total = None
     for grad_rows, index in zip(rows, tables):
         g = torch.zeros(shape)
@@ -118,7 +121,8 @@ def measure_7b(config: dict, runs: int):
 # ---------------------------------------------------------------------------- 2. a small Llama, for real
 
 
-def small_llama_share(config_kw: dict, steps: int):
+def small_llama_share(config_kw: dict, steps: int, per_layer: bool):
+    """per_layer: call the base model directly, outside the MoSModel call that opens one buffer per pool."""
     import transformers
 
     torch.manual_seed(0)
@@ -127,13 +131,14 @@ def small_llama_share(config_kw: dict, steps: int):
         num_attention_heads=8, num_key_value_heads=4))
     config = mos.MoSConfig(**config_kw, target_modules="all-linear")
     model = mos.get_mos_model(base, config).train()
+    call = model.get_base_model() if per_layer else model
     pool_shapes = {tuple(p.shape) for p in model.parameters() if p.requires_grad}
     ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     backward_times = []
     events = []
     for i in range(steps + 2):
-        loss = model(ids, labels=ids).loss
+        loss = call(ids, labels=ids).loss
         if i < 2:
             loss.backward()
         else:
@@ -171,9 +176,10 @@ def render(rows_7b, small, runs, steps) -> str:
         f"threads, core BLAS single-threaded. Median of {runs} runs.",
         "",
         "**LLaMA2-7B shapes** (32 layers; q, k, v, o, gate, up, down; fp32 pools, real index tables, "
-        "random shard gradients). *Dense per layer* is what the backward does today: every layer a "
-        "zero-filled pool-sized gradient holding its scatter, summed by autograd. *One buffer* zero-fills "
-        "each pool's gradient once and scatters every layer into it.",
+        "random shard gradients). *Dense per layer*: every layer a zero-filled pool-sized gradient holding "
+        "its scatter, summed by autograd (what a layer called outside a MoSModel call does). *One buffer*: "
+        "each pool's gradient zero-filled once and every layer scattered into it (what a MoSModel call does, "
+        "mos/torch/pool_grads.py); here with the same primitives outside autograd.",
         "",
         "| config | pools (all types) | written per step: dense per layer | one buffer | peak transient per pool side: dense | one buffer | time per step: dense | one buffer | ratio |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -185,15 +191,17 @@ def render(rows_7b, small, runs, steps) -> str:
     lines += [
         "",
         "**A small Llama, trained for real** (8 layers, hidden 256, intermediate 688, batch 8 x 64 tokens, "
-        "MoS on all linear layers): the share of the backward spent in zero-fills and additions on "
-        f"pool-shaped tensors, median of {steps} profiled steps.",
+        "MoS on all linear layers): the backward and its share spent in zero-fills and additions on "
+        f"pool-shaped tensors, median of {steps} profiled steps, per layer (the base model called directly) "
+        "and with one buffer (the MoSModel called).",
         "",
-        "| config | pools | backward | pool-gradient zero-fills + sums |",
-        "|---|---|---|---|",
+        "| config | pools | backward: per layer | zero-fills + sums: per layer | backward: one buffer | "
+        "zero-fills + sums: one buffer |",
+        "|---|---|---|---|---|---|",
     ]
-    for row in small:
-        lines.append(f"| {row['config']} | {fmt_bytes(row['pools'])} | {row['backward'] * 1e3:.1f} ms "
-                     f"| {100 * row['share']:.2f}% |")
+    for per_layer, one in small:
+        lines.append(f"| {one['config']} | {fmt_bytes(one['pools'])} | {per_layer['backward'] * 1e3:.1f} ms "
+                     f"| {100 * per_layer['share']:.2f}% | {one['backward'] * 1e3:.1f} ms | {100 * one['share']:.2f}% |")
     return "\n".join(lines)
 
 
@@ -204,7 +212,8 @@ def main(argv=None):
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
     rows_7b = [(config_label(c), measure_7b(c, args.runs)) for c in CONFIGS]
-    small = [small_llama_share(c, args.steps) for c in CONFIGS]
+    small = [(small_llama_share(c, args.steps, per_layer=True), small_llama_share(c, args.steps, per_layer=False))
+             for c in CONFIGS]
     text = render(rows_7b, small, args.runs, args.steps)
     print(text)
     if not args.no_write:

@@ -10,6 +10,7 @@ from .base_layers import dense_weight, features, is_adaptable, is_conv1d, quanti
 from .call_context import current_batch
 from .decode import inference_update
 from .ops import adapter_linear, linear_with_adapter, linear_with_adapter_applies
+from .pool_grads import tap
 from .pools import SharedPools
 
 __all__ = ["MoSLinear"]
@@ -210,7 +211,8 @@ class MoSLinear(nn.Module):
         if not linear_with_adapter_applies(x, weight, bias, pool_a, pool_b):
             return None
         index_a, index_b = slot.index_rows()
-        return linear_with_adapter(x, weight, bias, pool_a, index_a, pool_b, index_b, slot.scaling)
+        return linear_with_adapter(x, weight, bias, pool_a, index_a, pool_b, index_b, slot.scaling,
+                                   tap=tap(slot.pools, pool_a, pool_b, x.device))
 
     def dropout_active(self, name: str) -> bool:
         """Whether adapter `name`'s dropout changes its input on this call. Read from the module
@@ -227,6 +229,9 @@ class MoSLinear(nn.Module):
         pools = slot.pools
         pool_a, pool_b = pools.pool_a, pools.pool_b
         index_a, index_b = slot.index_rows()
+        # One gradient buffer per pool for the model call (pool_grads.py); not for pools on another
+        # device, nor while torch.compile traces (it cannot trace the context variable).
+        pool_tap = None if torch.compiler.is_compiling() else tap(pools, pool_a, pool_b, x.device)
         if pool_a.device != x.device:  # layers spread over devices by a device map share one pool
             pool_a, pool_b = pool_a.to(x.device), pool_b.to(x.device)
             index_a, index_b = index_a.to(x.device), index_b.to(x.device)
@@ -235,8 +240,9 @@ class MoSLinear(nn.Module):
             adapter_in = adapter_in.to(pool_a.dtype)
         if result.dtype == pool_a.dtype:
             # Same dtype: the op accumulates into a copy of the base output, saving one pass.
-            return adapter_linear(adapter_in, pool_a, index_a, pool_b, index_b, slot.scaling, base=result)
-        update = adapter_linear(adapter_in, pool_a, index_a, pool_b, index_b, slot.scaling)
+            return adapter_linear(adapter_in, pool_a, index_a, pool_b, index_b, slot.scaling, base=result,
+                                  tap=pool_tap)
+        update = adapter_linear(adapter_in, pool_a, index_a, pool_b, index_b, slot.scaling, tap=pool_tap)
         return result + update.to(result.dtype)
 
     # ------------------------------------------------------------------ merge

@@ -9,6 +9,7 @@ import tempfile
 import types
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from ..config import MoSConfig
@@ -17,6 +18,7 @@ from ..ranks import fit_ranks
 from . import files, misuse, saved_modules, sharding
 from .fall_through import FallThroughModule
 from .layer import MoSLinear
+from .pool_grads import one_buffer_per_pool
 from .pools import SharedPools
 from .targets import default_target_modules, find_targets, listed_targets
 
@@ -127,6 +129,9 @@ class MoSModel(FallThroughModule):
         if adapter_names is not None:  # one adapter per sample, "__base__" for none (mixed_batch.py)
             from .mixed_batch import mixed_batch
             with mixed_batch(self, adapter_names, args, kwargs):
+                return self.get_base_model()(*args, **kwargs)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            with one_buffer_per_pool():  # each pool's gradient in one buffer, not one per layer
                 return self.get_base_model()(*args, **kwargs)
         return self.get_base_model()(*args, **kwargs)
 

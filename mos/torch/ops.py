@@ -22,6 +22,7 @@ import torch
 
 from . import core_bridge
 from .core_bridge import core_supports
+from .pool_grads import pool_grad_buffers
 
 __all__ = ["adapter_linear", "core_supports", "linear_with_adapter", "linear_with_adapter_applies"]
 
@@ -89,19 +90,19 @@ def _forward_impl(x, pool_a, index_a, pool_b, index_b, scale: float, base, save_
 
 
 def _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, scale: float, h,
-                   need_dx: bool, need_dpool_a: bool, need_dpool_b: bool):
+                   need_dx: bool, need_dpool_a: bool, need_dpool_b: bool, sink=None):
     """(dx, dpool_a, dpool_b), each None when not needed. Pool gradients are dense, pool-shaped,
-    and hold the scatter-add of this layer's A/B gradients into the rows it gathered."""
+    and hold the scatter-add of this layer's A/B gradients into the rows it gathered: fresh ones,
+    or with a sink (pool_grads.py) the buffers the whole backward pass shares."""
     n_rows, _, _, rank, _ = _dims(x, pool_a, index_a, pool_b)
     if h is not None and h.shape[0] != n_rows:
         h = None  # forward did not keep x A^T: the core recomputes it
     if not core_supports(x):
         return _fallback_backward(dy, x, pool_a, index_a, pool_b, index_b, scale, h,
-                                  need_dx, need_dpool_a, need_dpool_b)
+                                  need_dx, need_dpool_a, need_dpool_b, sink)
     x, dy = _as_rows(x), _as_rows(dy.to(x.dtype))
     dx = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_dx else None
-    dpool_a = torch.zeros_like(pool_a, memory_format=torch.contiguous_format) if need_dpool_a else None
-    dpool_b = torch.zeros_like(pool_b, memory_format=torch.contiguous_format) if need_dpool_b else None
+    dpool_a, dpool_b = pool_grad_buffers(pool_a, pool_b, need_dpool_a, need_dpool_b, sink)
     if dx is not None or dpool_a is not None or dpool_b is not None:
         core_bridge.linear_backward(dx, dpool_a, dpool_b, dy, x, pool_a.contiguous(), index_a,
                                     pool_b.contiguous(), index_b, scale, h, rank)
@@ -140,20 +141,18 @@ def _fallback_forward(x, pool_a, index_a, pool_b, index_b, scale, base, save_h):
 
 
 def _fallback_backward(dy, x, pool_a, index_a, pool_b, index_b, scale, h, need_dx, need_dpool_a,
-                       need_dpool_b):
+                       need_dpool_b, sink=None):
     _, _, _, rank, shards = _dims(x, pool_a, index_a, pool_b)
     a, bt = _assembled(pool_a, index_a, pool_b, index_b, rank)
     dy = dy.to(x.dtype)
     g = (dy @ bt.T).mul_(scale)
     dx = g @ a if need_dx else None
-    dpool_a = dpool_b = None
+    dpool_a, dpool_b = pool_grad_buffers(pool_a, pool_b, need_dpool_a, need_dpool_b, sink)
     if need_dpool_a:
-        da = (g.T @ x).reshape(rank * shards, -1)
-        dpool_a = torch.zeros_like(pool_a).index_add_(0, index_a.long(), da)
+        dpool_a.index_add_(0, index_a.long(), (g.T @ x).reshape(rank * shards, -1))
     if need_dpool_b:
         h = x @ a.T if h is None else h
-        dbt = (h.T @ dy).mul_(scale).reshape(rank * shards, -1)
-        dpool_b = torch.zeros_like(pool_b).index_add_(0, index_b.long(), dbt)
+        dpool_b.index_add_(0, index_b.long(), (h.T @ dy).mul_(scale).reshape(rank * shards, -1))
     return dx, dpool_a, dpool_b
 
 
@@ -161,21 +160,26 @@ def _fallback_backward(dy, x, pool_a, index_a, pool_b, index_b, scale, h, need_d
 
 
 class _AdapterLinear(torch.autograd.Function):
+    # token and sink (pool_grads.tap): with a sink, the pools' gradients go into the buffers the
+    # backward pass shares, and the token's node hands them over; the pools themselves get none here.
     @staticmethod
-    def forward(ctx, x, pool_a, index_a, pool_b, index_b, scale, base, save_h):
+    def forward(ctx, x, pool_a, index_a, pool_b, index_b, scale, base, save_h, token, sink):
         y, h = _forward_impl(x, pool_a, index_a, pool_b, index_b, scale, base, save_h)
         ctx.save_for_backward(x, pool_a, index_a, pool_b, index_b, h)
-        ctx.scale = scale
+        ctx.scale, ctx.sink = scale, sink
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, pool_a, index_a, pool_b, index_b, h = ctx.saved_tensors
         need = ctx.needs_input_grad
+        sink = ctx.sink
         dx, dpool_a, dpool_b = _backward_impl(dy, x, pool_a, index_a, pool_b, index_b, ctx.scale, h,
-                                              need[0], need[1], need[3])
+                                              need[0], need[1], need[3], sink)
+        if sink is not None:
+            dpool_a = dpool_b = None
         dbase = dy if need[6] else None
-        return dx, dpool_a, None, dpool_b, None, None, dbase, None
+        return dx, dpool_a, None, dpool_b, None, None, dbase, None, None, None
 
 
 class _LinearWithAdapter(torch.autograd.Function):
@@ -187,14 +191,14 @@ class _LinearWithAdapter(torch.autograd.Function):
     (dx = dy W is computed first, and the core accumulates g A into it)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pool_a, index_a, pool_b, index_b, scale, save_h):
+    def forward(ctx, x, weight, bias, pool_a, index_a, pool_b, index_b, scale, save_h, token, sink):
         x2 = _as_rows(x.reshape(-1, x.shape[-1]))
         n_rows, _, d_out, rank, _ = _dims(x2, pool_a, index_a, pool_b)
         y = torch.nn.functional.linear(x2, weight, bias)  # a fresh (N, d_out) tensor: accumulated into
         h = x2.new_empty((n_rows, rank)) if save_h else None
         core_bridge.linear_forward(y, x2, pool_a, index_a, pool_b, index_b, scale, h, rank)
         ctx.save_for_backward(x2, weight, pool_a, index_a, pool_b, index_b, h)
-        ctx.scale, ctx.rank, ctx.x_shape = scale, rank, x.shape
+        ctx.scale, ctx.rank, ctx.x_shape, ctx.sink = scale, rank, x.shape, sink
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
@@ -203,22 +207,27 @@ class _LinearWithAdapter(torch.autograd.Function):
         need = ctx.needs_input_grad
         dy2 = _as_rows(dy.reshape(-1, dy.shape[-1]).to(x2.dtype))
         dx = torch.mm(dy2, weight) if need[0] else None  # the base's dx; the core adds the adapter's
-        dpool_a = torch.zeros_like(pool_a, memory_format=torch.contiguous_format) if need[3] else None
-        dpool_b = torch.zeros_like(pool_b, memory_format=torch.contiguous_format) if need[5] else None
+        sink = ctx.sink
+        dpool_a, dpool_b = pool_grad_buffers(pool_a, pool_b, need[3], need[5], sink)
         if dx is not None or dpool_a is not None or dpool_b is not None:
             core_bridge.linear_backward(dx, dpool_a, dpool_b, dy2, x2, pool_a, index_a, pool_b, index_b,
                                         ctx.scale, h, ctx.rank)
+        if sink is not None:  # handed to the pools once, by the tap (pool_grads.py)
+            dpool_a = dpool_b = None
         return (dx.view(ctx.x_shape) if dx is not None else None, None, None, dpool_a, None, dpool_b, None,
-                None, None)
+                None, None, None, None)
 
 
-def linear_with_adapter(x, weight, bias, pool_a, index_a, pool_b, index_b, scale) -> torch.Tensor:
+def linear_with_adapter(x, weight, bias, pool_a, index_a, pool_b, index_b, scale, *, tap=None) -> torch.Tensor:
     """x W^T (+ bias) + scale (x A^T) B^T over the last dimension of x, differentiable in x and the
     pools (the weight and bias are frozen: the caller checked they need no gradient). Eager CPU
-    calls whose tensors share the pools' dtype (linear_with_adapter_applies)."""
+    calls whose tensors share the pools' dtype (linear_with_adapter_applies). tap: the (token,
+    sink) of pool_grads.tap, through which the pools' gradients go, or None."""
     _check_inputs(x.reshape(-1, x.shape[-1]), pool_a, index_a, pool_b, index_b, None)
     save_h = pool_b.requires_grad
-    return _LinearWithAdapter.apply(x, weight, bias, pool_a, index_a, pool_b, index_b, float(scale), save_h)
+    token, sink = tap if tap is not None else (None, None)
+    return _LinearWithAdapter.apply(x, weight, bias, pool_a, index_a, pool_b, index_b, float(scale), save_h,
+                                    token, sink)
 
 
 def linear_with_adapter_applies(x, weight, bias, pool_a, pool_b) -> bool:
@@ -296,11 +305,13 @@ _linear_forward_op.register_autograd(_op_backward, setup_context=_op_setup_conte
 
 
 def adapter_linear(x: torch.Tensor, pool_a: torch.Tensor, index_a: torch.Tensor, pool_b: torch.Tensor,
-                   index_b: torch.Tensor, scale: float, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   index_b: torch.Tensor, scale: float, base: Optional[torch.Tensor] = None, *,
+                   tap=None) -> torch.Tensor:
     """base + scale * (x A^T) B^T over the last dimension of x (leading dimensions are rows).
 
     x, the pools and base share one dtype and device; index_a/index_b are one layer's int32
-    tables. Differentiable in x, both pools and base; the index tables never get gradients."""
+    tables. Differentiable in x, both pools and base; the index tables never get gradients.
+    tap: the (token, sink) of pool_grads.tap, through which the pools' gradients go (eager only)."""
     flat = x.dim() != 2
     x2 = x.reshape(-1, x.shape[-1]) if flat else x
     base2 = base.reshape(-1, base.shape[-1]) if flat and base is not None else base
@@ -311,5 +322,6 @@ def adapter_linear(x: torch.Tensor, pool_a: torch.Tensor, index_a: torch.Tensor,
     if torch.compiler.is_compiling():
         y, _ = torch.ops.mos.linear_forward(x2, pool_a, index_a, pool_b, index_b, scale, base2, save_h)
     else:
-        y = _AdapterLinear.apply(x2, pool_a, index_a, pool_b, index_b, scale, base2, save_h)
+        token, sink = tap if tap is not None else (None, None)
+        y = _AdapterLinear.apply(x2, pool_a, index_a, pool_b, index_b, scale, base2, save_h, token, sink)
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
