@@ -80,11 +80,11 @@ def one_buffer_per_pool():
 
 def tap(pools, pool_a, pool_b, device):
     """(token, sink) through which a layer on `device` passes its gradients of `pools`' tensors
-    pool_a and pool_b, or (None, None) outside a model call, for pools that need no gradient or
-    live on another device."""
+    pool_a and pool_b; None outside a model call, for pools that need no gradient or live on
+    another device."""
     taps = _taps.get()
     if taps is None or not (pool_a.requires_grad or pool_b.requires_grad) or pool_a.device != device:
-        return None, None
+        return None
     entry = taps.get(id(pools))
     if entry is None or entry[2] is not pool_a or entry[3] is not pool_b:  # new, or the tensors changed
         sink = PoolSink()
