@@ -225,7 +225,8 @@ def extension():
         include_dirs=["csrc", numpy.get_include(), scipy_openblas32.get_include_dir()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
         library_dirs=[lib_dir],
-        libraries=[scipy_openblas32.get_library()],
+        # dl: cpu_team.c finds the host's OpenMP runtime with dlsym (in libc itself from glibc 2.34).
+        libraries=[scipy_openblas32.get_library()] + (["dl"] if sys.platform.startswith("linux") else []),
         # Installed next to scipy_openblas32 in site-packages (no build-machine path: a wheel
         # runs anywhere); mos/__init__ also preloads it, which an in-place build relies on.
         runtime_library_dirs=["$ORIGIN/../scipy_openblas32/lib"],

@@ -9,11 +9,15 @@
 #include <cblas.h>
 
 #include "check.h"
+#include "cpu_team.h"
 
 /* Rows at or below which the direct (no-assembly) strategy wins; see cpu_kernels.inc. */
 #define MOS_DIRECT_MAX_ROWS 4
 /* Largest rank the direct strategy keeps on the stack. */
 #define MOS_DIRECT_MAX_RANK 512
+/* Fewest rows per chunk when an assembled call is split across threads (cpu_team.c): below it,
+ * waking a second thread costs more than the chunk's work. */
+#define MOS_TEAM_MIN_ROWS 32
 
 #define REAL float
 #define SUFFIX f32
@@ -59,6 +63,10 @@ static int use_direct(const mos_linear_params *p) {
     return p->n_rows <= MOS_DIRECT_MAX_ROWS && p->rank <= MOS_DIRECT_MAX_RANK;
 }
 
+int mos_cpu_linear_chunks(int64_t n_rows) {
+    return mos_cpu_team_chunks(n_rows, MOS_TEAM_MIN_ROWS);
+}
+
 /* Carves the caller's workspace, or mallocs one (the CPU path may allocate). */
 static mos_status workspace_open(mos_workspace_layout *w, void **owned, const mos_linear_params *p,
                                  mos_linear_op op) {
@@ -75,6 +83,41 @@ static mos_status workspace_open(mos_workspace_layout *w, void **owned, const mo
     return st;
 }
 
+/* One assembled call cut into row chunks (cpu_team.c); the fields are the call's, read-only. */
+typedef struct {
+    const mos_linear_params *p;
+    void *a, *bt, *h, *g; /* assembled A, B^T; h and g rows (N, r) */
+    void *da, *dbt;       /* chunk c's share of the pool gradients at da + c * size_a, ... */
+    int64_t size_a, size_b;
+    int chunks;
+} chunked_call;
+
+static int64_t chunk_start(const chunked_call *call, int c) {
+    return call->p->n_rows * c / call->chunks;
+}
+
+static void forward_chunk(void *ctx, int c) {
+    const chunked_call *call = ctx;
+    const int64_t n0 = chunk_start(call, c), n1 = chunk_start(call, c + 1);
+    if (call->p->dtype == MOS_F32)
+        forward_rows_f32(call->p, call->a, call->bt, call->h, n0, n1);
+    else
+        forward_rows_f64(call->p, call->a, call->bt, call->h, n0, n1);
+}
+
+static void backward_chunk(void *ctx, int c) {
+    const chunked_call *call = ctx;
+    const int64_t n0 = chunk_start(call, c), n1 = chunk_start(call, c + 1);
+    if (call->p->dtype == MOS_F32)
+        backward_rows_f32(call->p, call->a, call->bt, call->g, call->h,
+                          (float *)call->da + c * call->size_a, (float *)call->dbt + c * call->size_b,
+                          n0, n1);
+    else
+        backward_rows_f64(call->p, call->a, call->bt, call->g, call->h,
+                          (double *)call->da + c * call->size_a,
+                          (double *)call->dbt + c * call->size_b, n0, n1);
+}
+
 mos_status mos_cpu_linear_forward(const mos_linear_params *p) {
     MOS_TRY(check_cpu_dtype(p->dtype));
     if (p->n_rows == 0) return MOS_OK;
@@ -85,7 +128,10 @@ mos_status mos_cpu_linear_forward(const mos_linear_params *p) {
     mos_workspace_layout w;
     void *owned;
     MOS_TRY(workspace_open(&w, &owned, p, MOS_OP_FORWARD));
-    if (p->dtype == MOS_F32) forward_assembled_f32(p, &w); else forward_assembled_f64(p, &w);
+    if (p->dtype == MOS_F32) assemble_both_f32(w.a, w.bt, p); else assemble_both_f64(w.a, w.bt, p);
+    chunked_call call = {p, w.a, w.bt, p->h ? p->h : w.h, NULL, NULL, NULL, 0, 0,
+                         mos_cpu_linear_chunks(p->n_rows)};
+    mos_cpu_team_run(forward_chunk, &call, call.chunks);
     free(owned);
     return MOS_OK;
 }
@@ -107,7 +153,30 @@ mos_status mos_cpu_linear_backward(const mos_linear_params *p) {
     mos_workspace_layout w;
     void *owned;
     MOS_TRY(workspace_open(&w, &owned, p, MOS_OP_BACKWARD));
-    if (p->dtype == MOS_F32) backward_assembled_f32(p, &w); else backward_assembled_f64(p, &w);
+    if (p->dtype == MOS_F32) assemble_both_f32(w.a, w.bt, p); else assemble_both_f64(w.a, w.bt, p);
+    const size_t elem = mos_dtype_size(p->dtype);
+    chunked_call call = {p, w.a, w.bt, p->h ? p->h : w.h, w.g, w.da, w.dbt, p->rank * p->d_in,
+                         p->rank * p->d_out, mos_cpu_linear_chunks(p->n_rows)};
+    /* Split calls give every chunk its own share of the pool gradients, summed afterwards (the
+     * scatter is not atomic). Without the memory for them, the call runs whole. */
+    void *shares = NULL;
+    if (call.chunks > 1) {
+        const size_t bytes = (size_t)call.chunks * (size_t)(call.size_a + call.size_b) * elem;
+        shares = aligned_alloc(MOS_WORKSPACE_ALIGN, (bytes + MOS_WORKSPACE_ALIGN - 1) /
+                                                        MOS_WORKSPACE_ALIGN * MOS_WORKSPACE_ALIGN);
+        if (shares != NULL) {
+            call.da = shares;
+            call.dbt = (char *)shares + (size_t)call.chunks * (size_t)call.size_a * elem;
+        } else {
+            call.chunks = 1;
+        }
+    }
+    mos_cpu_team_run(backward_chunk, &call, call.chunks);
+    if (p->dtype == MOS_F32)
+        scatter_pool_grads_f32(p, call.da, call.dbt, call.chunks, call.size_a, call.size_b);
+    else
+        scatter_pool_grads_f64(p, call.da, call.dbt, call.chunks, call.size_a, call.size_b);
+    free(shares);
     free(owned);
     return MOS_OK;
 }

@@ -639,6 +639,12 @@ static PyObject *set_num_threads(PyObject *module, PyObject *arg) {
     return PyLong_FromLong(previous);
 }
 
+static PyObject *cpu_linear_chunks(PyObject *module, PyObject *arg) {
+    long long n;
+    if (mos_parse_int(arg, "n_rows", 0, MOS_MAX_DIM, &n) < 0) return NULL;
+    return PyLong_FromLong(mos_cpu_linear_chunks(n));
+}
+
 /* ---------------------------------------------------------------- module definition */
 
 /* A fastcall method with keywords: {name, function, flags, docstring}. */
@@ -685,6 +691,10 @@ static PyMethodDef methods[] = {
      "cuBLAS handles created so far (kept for the process's lifetime) and how many are free in "
      "the per-device pools."},
     {"set_num_threads", set_num_threads, METH_O, "Sets OpenBLAS's thread count; returns the old one."},
+    {"cpu_linear_chunks", cpu_linear_chunks, METH_O,
+     "How many row chunks a CPU linear call of n_rows rows runs as now: one per thread of the "
+     "process's OpenMP team (torch.set_num_threads sizes it), at least 32 rows each; 1 when no "
+     "OpenMP runtime is loaded or OpenBLAS runs threads of its own."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -311,6 +311,10 @@ void mos_cuda_blas_handle_counts(int64_t *created, int64_t *idle);
 int mos_cpu_get_num_threads(void);
 void mos_cpu_set_num_threads(int n);
 
+/* How many row chunks a CPU linear call of n_rows rows on the assembled path runs as, each on a
+ * thread of the OpenMP team the process already runs (PyTorch's); 1 without one (cpu_team.c). */
+int mos_cpu_linear_chunks(int64_t n_rows);
+
 #ifdef __cplusplus
 }
 #endif
