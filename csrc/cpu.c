@@ -15,9 +15,20 @@
 #define MOS_DIRECT_MAX_ROWS 4
 /* Largest rank the direct strategy keeps on the stack. */
 #define MOS_DIRECT_MAX_RANK 512
+/* Ranks up to which the pool gradients' product streams rows (gtx_rows) instead of OpenBLAS's
+ * packed GEMM: at N = 256, d = 1536 -> 4096, 0.8x its time at r = 8, even at 16, slower beyond. */
+#define MOS_STREAM_MAX_RANK 16
 /* Fewest rows per chunk when an assembled call is split across threads (cpu_team.c): below it,
  * waking a second thread costs more than the chunk's work. */
 #define MOS_TEAM_MIN_ROWS 32
+
+/* Loops GCC vectorises get an AVX-512 and an AVX2 build beside the baseline one, picked at load
+ * time by the CPU (an ifunc): the module's own flags stay portable. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define MOS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MOS_VECTOR_CLONES
+#endif
 
 #define REAL float
 #define SUFFIX f32

@@ -1,7 +1,8 @@
 """Large CPU calls on the assembled path are cut into row chunks that run on the process's OpenMP
-team (torch's; csrc/cpu_team.c). Split calls must give the float64 reference's outputs and
-gradients, the same bits run after run, accumulate pool gradients like whole calls, and stay
-whole when there is nothing to split onto."""
+team (torch's; csrc/cpu_team.c), and at small ranks their pool gradients stream x's and dy's rows
+(gtx_rows in csrc/cpu_kernels.inc). Split calls must give the float64 reference's outputs and
+gradients at every rank and stride, the same bits run after run, accumulate pool gradients like
+whole calls, and stay whole when there is nothing to split onto."""
 import concurrent.futures
 
 import pytest
@@ -23,20 +24,25 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
-def _case(n_rows, seed=0, dtype=torch.float32):
+def _case(n_rows, seed=0, dtype=torch.float32, rank=RANK, strided=False):
+    """x, pools, index tables, base weight, dy; strided: x and dy are column slices of wider rows."""
     g = torch.Generator().manual_seed(seed)
     draw = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    pool_a = draw(40, D_IN // SHARDS)
-    pool_b = draw(40, D_OUT // SHARDS)
-    index_a = torch.randperm(40, generator=g)[:RANK * SHARDS].to(torch.int32)
-    index_b = torch.randperm(40, generator=g)[:RANK * SHARDS].to(torch.int32)
-    return draw(n_rows, D_IN), pool_a, index_a, pool_b, index_b, draw(D_OUT, D_IN), draw(n_rows, D_OUT)
+    shards = 2 * rank * SHARDS
+    pool_a = draw(shards, D_IN // SHARDS)
+    pool_b = draw(shards, D_OUT // SHARDS)
+    index_a = torch.randperm(shards, generator=g)[:rank * SHARDS].to(torch.int32)
+    index_b = torch.randperm(shards, generator=g)[:rank * SHARDS].to(torch.int32)
+    pad = 7 if strided else 0
+    x, dy = draw(n_rows, D_IN + pad)[:, pad:], draw(n_rows, D_OUT + pad)[:, :D_OUT]
+    return x, pool_a, index_a, pool_b, index_b, draw(D_OUT, D_IN), dy
 
 
 def _run(case):
     """y, dx, dpool_a, dpool_b of the training op (base product and adapter as one op)."""
-    x, pool_a, index_a, pool_b, index_b, weight, dy = (t.clone() for t in case)
-    x.requires_grad_()
+    x, pool_a, index_a, pool_b, index_b, weight, dy = case
+    x = x.detach().requires_grad_()
+    pool_a, pool_b = pool_a.clone(), pool_b.clone()
     pool_a.requires_grad_()
     pool_b.requires_grad_()
     y = ops.linear_with_adapter(x, weight, None, pool_a, index_a, pool_b, index_b, 1.5)
@@ -82,6 +88,16 @@ def test_no_split_while_openblas_runs_threads_of_its_own(torch_threads):
 def test_split_calls_match_the_float64_reference(torch_threads, n_rows, threads):
     torch_threads(threads)
     case = _case(n_rows)
+    for got, want in zip(_run(case), _reference(case)):
+        _assert_near(got, want, 2e-6)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 16, 17, 40])  # streamed up to 16, OpenBLAS beyond
+@pytest.mark.parametrize("strided", [False, True])
+def test_every_rank_and_row_stride_matches_the_float64_reference(torch_threads, rank, strided):
+    torch_threads(2)
+    case = _case(131, seed=rank, rank=rank, strided=strided)
+    assert case[0].stride(0) == D_IN + (7 if strided else 0)
     for got, want in zip(_run(case), _reference(case)):
         _assert_near(got, want, 2e-6)
 
