@@ -53,7 +53,9 @@ def build_info():
 
 
 def set_num_threads(n):
-    """Sets the CPU BLAS thread count (OpenBLAS's own pool); returns the previous value."""
+    """Sets the CPU BLAS thread count (OpenBLAS's own pool); returns the previous value. Next to
+    torch leave it at 1 (mos.torch's default): large CPU calls then run on torch's threads
+    (torch.set_num_threads), while a second pool of busy-waiting threads would fight them."""
     return _C.set_num_threads(n)
 
 

@@ -44,7 +44,9 @@ _MIN_WORKSPACE = 256  # bytes: an empty tensor has no data pointer, which the co
 # memory-bound, while a second, busy-waiting BLAS pool fights torch's for the same cores (one
 # d=1024, N=256, r=8 call: 0.5 ms single-threaded, 56 ms with 2 threads on a busy 2-core machine).
 # So the core's BLAS runs single-threaded unless the user chose a count (OPENBLAS_NUM_THREADS, or
-# mos.set_num_threads() after this import).
+# mos.set_num_threads() after this import). Large calls still use every torch thread: the core cuts
+# them into row chunks that run on torch's own OpenMP team (csrc/cpu_team.c), but only while its
+# BLAS stays single-threaded.
 if "OPENBLAS_NUM_THREADS" not in os.environ:
     _C.set_num_threads(1)
 
@@ -109,9 +111,10 @@ def capsule(tensor):
     tensor."""
     if tensor is None:
         return None
-    tensor = tensor.detach()
-    if type(tensor) is not torch.Tensor:
-        _check_plain(tensor)
+    if tensor.requires_grad or type(tensor) is not torch.Tensor:  # a plain tensor exports as it is
+        tensor = tensor.detach()
+        if type(tensor) is not torch.Tensor:
+            _check_plain(tensor)
     if _to_dlpack_versioned is None:
         return handle(tensor)
     return _to_dlpack_versioned(tensor)
