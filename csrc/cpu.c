@@ -1,6 +1,7 @@
 /*
  * cpu.c -- MoS on the CPU: gather/scatter loops plus OpenBLAS GEMMs (scipy-openblas32's
- * prefixed symbols, so it coexists with whatever BLAS NumPy or PyTorch loaded).
+ * prefixed symbols, so it coexists with whatever BLAS NumPy or PyTorch loaded), large calls cut
+ * into row chunks that run on the process's OpenMP team (cpu_team.c).
  * float32 and float64; 16-bit types are refused with a TypeError-class status.
  */
 #include <stdlib.h>
