@@ -152,3 +152,9 @@ def test_split_calls_from_several_threads_at_once(torch_threads):
     for i, result in enumerate(got):
         for a, b in zip(result, want[i % 4]):
             _assert_near(a, b.double(), 1e-6)
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (2**70, ValueError), (1.5, TypeError), ("64", TypeError)])
+def test_the_chunk_query_names_a_bad_row_count(bad, error):
+    with pytest.raises(error, match="n_rows"):
+        _C.cpu_linear_chunks(bad)
