@@ -232,7 +232,7 @@ def layer_call_rows(torch, mos, lora, mos_model, rounds):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rounds = 1 if args.quick else args.rounds
+    rounds = args.rounds = 1 if args.quick else args.rounds  # the report names the rounds that ran
     new_tokens = 4 if args.quick else NEW_TOKENS
     torch, peft, mos, base, lora, mos_model, cfg = build(args.threads)
     import transformers
