@@ -130,11 +130,7 @@ def training_rows(torch, models, rounds):
             times[key].append(time_call(lambda: step(key)))
     for model, _ in models.values():
         model.eval()
-    out = {key: median_ms(v) for key, v in times.items()}
-    if "base" in times:
-        out.update({f"{key} - base": median_ms([t - b for t, b in zip(v, times["base"])])
-                    for key, v in times.items() if key != "base"})
-    return out
+    return paired_medians(times)
 
 
 def decode_rows(torch, mos, runs, batch, new_tokens, rounds):
@@ -161,10 +157,17 @@ def decode_rows(torch, mos, runs, batch, new_tokens, rounds):
     for _ in range(rounds):
         for label, (model, kwargs, path) in runs.items():
             times[label].append(time_call(lambda: gen(model, kwargs, path)))
+    return paired_medians(times)
+
+
+def paired_medians(times: dict) -> dict:
+    """{label: median ms} of per-round times in seconds, and, when "base" is among them, for each
+    other label "<label> - base": the median over rounds of its time minus the base's in the same
+    round (paired, so that drift between rounds cancels)."""
     out = {label: median_ms(v) for label, v in times.items()}
-    for label, v in times.items():
-        if label != "base":
-            out[f"{label} - base"] = median_ms([t - b for t, b in zip(v, times["base"])])
+    if "base" in times:
+        out.update({f"{label} - base": median_ms([t - b for t, b in zip(v, times["base"])])
+                    for label, v in times.items() if label != "base"})
     return out
 
 

@@ -141,8 +141,8 @@ mos_status mos_cpu_linear_forward(const mos_linear_params *p) {
     void *owned;
     MOS_TRY(workspace_open(&w, &owned, p, MOS_OP_FORWARD));
     if (p->dtype == MOS_F32) assemble_both_f32(w.a, w.bt, p); else assemble_both_f64(w.a, w.bt, p);
-    chunked_call call = {p, w.a, w.bt, p->h ? p->h : w.h, NULL, NULL, NULL, 0, 0,
-                         mos_cpu_linear_chunks(p->n_rows)};
+    chunked_call call = {.p = p, .a = w.a, .bt = w.bt, .h = p->h ? p->h : w.h,
+                         .chunks = mos_cpu_linear_chunks(p->n_rows)};
     mos_cpu_team_run(forward_chunk, &call, call.chunks);
     free(owned);
     return MOS_OK;
@@ -167,8 +167,9 @@ mos_status mos_cpu_linear_backward(const mos_linear_params *p) {
     MOS_TRY(workspace_open(&w, &owned, p, MOS_OP_BACKWARD));
     if (p->dtype == MOS_F32) assemble_both_f32(w.a, w.bt, p); else assemble_both_f64(w.a, w.bt, p);
     const size_t elem = mos_dtype_size(p->dtype);
-    chunked_call call = {p, w.a, w.bt, p->h ? p->h : w.h, w.g, w.da, w.dbt, p->rank * p->d_in,
-                         p->rank * p->d_out, mos_cpu_linear_chunks(p->n_rows)};
+    chunked_call call = {.p = p, .a = w.a, .bt = w.bt, .h = p->h ? p->h : w.h, .g = w.g,
+                         .da = w.da, .dbt = w.dbt, .size_a = p->rank * p->d_in,
+                         .size_b = p->rank * p->d_out, .chunks = mos_cpu_linear_chunks(p->n_rows)};
     /* Split calls give every chunk its own share of the pool gradients, summed afterwards (the
      * scatter is not atomic). Without the memory for them, the call runs whole. */
     void *shares = NULL;
@@ -185,9 +186,9 @@ mos_status mos_cpu_linear_backward(const mos_linear_params *p) {
     }
     mos_cpu_team_run(backward_chunk, &call, call.chunks);
     if (p->dtype == MOS_F32)
-        scatter_pool_grads_f32(p, call.da, call.dbt, call.chunks, call.size_a, call.size_b);
+        scatter_pool_grads_f32(p, call.da, call.dbt, call.chunks);
     else
-        scatter_pool_grads_f64(p, call.da, call.dbt, call.chunks, call.size_a, call.size_b);
+        scatter_pool_grads_f64(p, call.da, call.dbt, call.chunks);
     free(shares);
     free(owned);
     return MOS_OK;
